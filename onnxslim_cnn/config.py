@@ -1,0 +1,91 @@
+"""Typed configuration of a compression run: pipeline, data, tolerances and budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise bound for lossless passes, checked against the original's outputs.
+
+    A candidate output ``y`` matches the reference ``r`` when for every element
+    ``|y - r| <= atol * max(1, max|r|) + rtol * |r|``; ``atol`` is scaled by the
+    output's magnitude so that logits in the thousands and probabilities below one
+    get the same relative strictness.
+    """
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    @staticmethod
+    def for_dtype(dtype: Any) -> Tolerance:
+        """The default lossless tolerance for outputs of ``dtype``."""
+        import numpy as np
+
+        if np.dtype(dtype) == np.float16:
+            return Tolerance(rtol=1e-2, atol=2e-3)
+        return Tolerance()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy budget of lossy passes, measured against the original model.
+
+    Attributes:
+        max_top1_drop: largest allowed top-1 accuracy loss in points (needs labels).
+        min_top1_agreement: smallest fraction of samples whose top-1 class must agree
+            with the original's (classifier-shaped outputs; None = not checked).
+        min_cosine: smallest cosine similarity between original and candidate outputs.
+    """
+
+    max_top1_drop: float = 1.0
+    min_top1_agreement: float | None = None
+    min_cosine: float = 0.99
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where calibration/validation inputs come from.
+
+    Attributes:
+        path: image folder, IDX folder, ``.npy`` or ``.npz``; None = seeded random.
+        preproc: preprocessing spec for images (``model.preproc.json`` format).
+        calib_count: samples used for calibration; the rest validate.
+        val_count: at most this many validation samples (None = all the rest).
+        random_count: samples per split when inputs are random.
+        seed: seed for the random inputs and the calibration/validation split.
+    """
+
+    path: Path | None = None
+    preproc: Path | None = None
+    calib_count: int = 100
+    val_count: int | None = None
+    random_count: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole compression run.
+
+    Attributes:
+        passes: pass names in the order they run (validated, never re-sorted).
+        options: flat pass options (``sparsity``, ``bits`` ...); each pass reads the
+            fields of its own ``Options`` dataclass from here.
+        validate: compare against onnxruntime after each pass (off only when the
+            input cannot run in onnxruntime and the user asked for it).
+        force: write the result even when the final validation fails.
+    """
+
+    passes: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: Budget = field(default_factory=Budget)
+    tolerance: Tolerance | None = None
+    validate: bool = True
+    force: bool = False
+    quiet: bool = True
+    seed: int = 0

@@ -1,0 +1,222 @@
+"""Loading, checking, normalising, opset upgrade and atomic saving of ONNX models.
+
+The input file is only ever opened for reading. Output goes to a temporary folder
+inside the target folder and is moved into place with ``os.replace``; a model whose
+protobuf would exceed 2 GiB is written with its tensors in ``<output>.data`` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from .errors import InvalidModelError, OutputError, UnsupportedModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Newest default-domain opset that both onnx's version converter and onnxruntime know.
+MAX_OPSET = 22
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check a model, with external data from beside the file.
+
+    Raises:
+        InvalidModelError: missing, empty, truncated or non-ONNX file, or a model that
+            fails ``onnx.checker``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{path}: file is empty")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise InvalidModelError(f"{path}: not an ONNX model (no graph or no nodes)")
+    check(model, what=str(path))
+    return model
+
+
+def check(model: onnx.ModelProto, what: str = "model") -> None:
+    """Run ``onnx.checker`` (through a temporary file above the protobuf limit)."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            with temp_model_path(model) as tmp:
+                onnx.checker.check_model(str(tmp))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"{what}: fails the ONNX checker: {_first_line(exc)}") from exc
+
+
+def opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset version of ``model``."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Return ``model`` converted to opset ``target`` (unchanged if already there).
+
+    Raises:
+        UnsupportedModelError: the version converter cannot convert this model.
+    """
+    if opset(model) >= target:
+        return model
+    if target > MAX_OPSET:
+        raise UnsupportedModelError(f"opset {target} is newer than supported ({MAX_OPSET})")
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises bare RuntimeError/IndexError
+        raise UnsupportedModelError(
+            f"cannot upgrade opset {opset(model)} -> {target}: {_first_line(exc)}"
+        ) from exc
+    return converted
+
+
+def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Bring a model into the form the passes expect, exactly (no numeric change).
+
+    - ``Constant`` nodes holding a tensor become initializers, so weights stored as
+      nodes are seen, folded and compressed like any other weight.
+    - Initializers also listed as graph inputs (IR 3 style) are dropped from the
+      inputs: a runtime must treat such inputs as overridable and cannot fold them.
+
+    Returns:
+        The normalised copy and counts of what changed.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    moved = _constants_to_initializers(graph)
+    init_names = {init.name for init in graph.initializer}
+    kept = [inp for inp in graph.input if inp.name not in init_names]
+    dropped = len(graph.input) - len(kept)
+    if dropped:
+        del graph.input[:]
+        graph.input.extend(kept)
+    if out.ir_version < 4 and (moved or dropped):
+        out.ir_version = 4  # IR >= 4 lets initializers exist without a matching input
+    return out, {"constant_nodes_to_initializers": moved, "initializer_inputs_dropped": dropped}
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    keep, moved = [], 0
+    for node in graph.node:
+        tensor = _constant_tensor(node)
+        if tensor is None:
+            keep.append(node)
+            continue
+        array = numpy_helper.to_array(tensor)
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    attrs = {a.name: a for a in node.attribute}
+    if "value" in attrs:
+        return attrs["value"].t
+    for name, kind in (("value_float", "f"), ("value_int", "i")):
+        if name in attrs:
+            import numpy as np
+
+            dtype = np.float32 if kind == "f" else np.int64
+            return numpy_helper.from_array(np.array(getattr(attrs[name], kind), dtype=dtype))
+    return None
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model``, tensors included wherever they are stored."""
+    size = model.ByteSize()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            size += next((int(e.value) for e in init.external_data if e.key == "length"), 0)
+    return size
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when the model cannot be serialized as a single protobuf."""
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
+    """Write ``model`` atomically; returns the files written (model, maybe data).
+
+    Raises:
+        OutputError: the target folder is missing or not writable.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: output folder {folder} does not exist")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write to {folder} ({exc.strerror})") from exc
+    try:
+        return _save_staged(model, path, staging)
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_staged(model: onnx.ModelProto, path: Path, staging: Path) -> list[Path]:
+    staged = staging / path.name
+    if needs_external_data(model):
+        data_name = path.name + ".data"
+        _save_external(model, staged, data_name)
+        os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staged, path)
+        return [path, path.parent / data_name]
+    with open(staged, "wb") as handle:
+        handle.write(model.SerializeToString())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staged, path)
+    return [path]
+
+
+@contextlib.contextmanager
+def temp_model_path(model: onnx.ModelProto) -> Iterator[Path]:
+    """A temporary file holding ``model`` (external data beside it when needed)."""
+    with tempfile.TemporaryDirectory(prefix="onnxslim_cnn_") as tmp:
+        target = Path(tmp) / "model.onnx"
+        if needs_external_data(model):
+            _save_external(model, target, "model.onnx.data")
+        else:
+            target.write_bytes(model.SerializeToString())
+        yield target
+
+
+def _save_external(model: onnx.ModelProto, target: Path, data_name: str) -> None:
+    # onnx.save_model moves tensor bytes out of the proto it is given: save a copy.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data_name, size_threshold=1024,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

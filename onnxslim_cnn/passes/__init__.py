@@ -1,0 +1,12 @@
+"""Rewrite passes. Importing this package registers every pass in ``REGISTRY``."""
+
+from . import (  # noqa: F401  (registration side effects)
+    dedup_initializers,
+    fold_bn,
+    fold_constants,
+    remove_dead,
+    remove_identity,
+)
+from .base import REGISTRY, NoOptions, Pass, PassContext, PassResult, get_pass, register
+
+__all__ = ["REGISTRY", "NoOptions", "Pass", "PassContext", "PassResult", "get_pass", "register"]

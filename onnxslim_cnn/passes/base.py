@@ -1,0 +1,157 @@
+"""The pass contract: ``Pass.run(graph, ctx) -> PassResult``.
+
+A pass mutates the onnx-graphsurgeon graph it is given and reports what it did. It
+never calls cleanup/toposort/export (the manager does), never edits a weight array in
+place (it creates a new constant), and names what it creates after the source name,
+made unique by ``unique_name``. Declining a site is not an error: the reason is counted
+in ``PassResult.declined`` so the report shows why a layer was left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..config import Budget
+from ..errors import UsageError
+
+
+@dataclass
+class PassResult:
+    """What a pass did.
+
+    Attributes:
+        changed: the graph was modified.
+        stats: counts and figures for the report (``{"bn_folded": 49}``).
+        declined: reasons a site was left alone, counted (``{"weight is shared": 3}``).
+        layers: per-layer records (``{"layer": name, ...}``) for the report.
+    """
+
+    changed: bool
+    stats: dict[str, float] = field(default_factory=dict)
+    declined: Counter = field(default_factory=Counter)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the graph.
+
+    Attributes:
+        calib: calibration batches (input name -> array), real data when given.
+        budget: the accuracy budget of lossy passes.
+        seed: seed for anything random.
+        evaluate: runs a ModelProto on the calibration batches, returning its outputs
+            (data-aware passes use it to measure sensitivity).
+        progress: reports progress of long steps (no-op when quiet).
+    """
+
+    calib: list[dict[str, np.ndarray]] = field(default_factory=list)
+    budget: Budget = field(default_factory=Budget)
+    seed: int = 0
+    evaluate: Callable[..., dict[str, np.ndarray]] | None = None
+    progress: Callable[[str], None] = lambda message: None
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A pass without options."""
+
+
+class Pass:
+    """Base class of every pass; subclasses register with ``@register``.
+
+    Class attributes:
+        name: kebab-case key used by the CLI and the report.
+        summary: one line for ``--list-passes``.
+        lossless: the result must match the original within the lossless tolerance
+            (otherwise within the accuracy budget).
+        min_opset: the manager upgrades the model to at least this opset first.
+        after: passes that, when both are in a pipeline, must run before this one.
+        Options: dataclass of this pass's options, filled from the flat option dict.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    lossless: ClassVar[bool] = True
+    min_opset: ClassVar[int] = 0
+    after: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        self.options = self.Options(**{k: v for k, v in (options or {}).items() if k in known})
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Raise PreconditionError when the pass cannot apply to this model at all."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry under ``cls.name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"pass name {cls.name!r} is empty or taken")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``.
+
+    Raises:
+        UsageError: no such pass.
+    """
+    if name not in REGISTRY:
+        raise UsageError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    """``base`` or ``base_N`` with the smallest N not in ``taken``; records the result."""
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def taken_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name in use in ``graph``."""
+    return set(graph.tensors().keys()) | {node.name for node in graph.nodes}
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+
+
+def replace_output(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make ``node`` produce ``new`` where it produced ``old``."""
+    for index, tensor in enumerate(node.outputs):
+        if tensor is old:
+            node.outputs[index] = new
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (None for variables)."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def count(items: Iterable[Any]) -> int:
+    return sum(1 for _ in items)
