@@ -11,8 +11,13 @@ resize the short side (bilinear), centre-crop, order channels, then
 (``file<TAB>class_index``) in the folder or its parent.
 
 Random inputs (no data given): standard normal floats, integers in [0, 10), shaped
-from the model; a dynamic batch axis becomes the batch size, other dynamic axes of a
-4-D input become 224, any remaining dynamic axis 1.
+from the model; a dynamic batch axis becomes the batch size, the dynamic spatial axes
+of a 4-D input become 224 (H, W of NCHW, or of NHWC when the last axis is 1 or 3), any
+remaining dynamic axis 1.
+
+A model with a fixed batch size gets whole batches only: random counts are rounded up
+to a multiple of it, and a split of real data drops the remainder that does not fill
+a batch.
 """
 
 from __future__ import annotations
@@ -129,6 +134,9 @@ def _read_samples(path, specs, config, model_path, rng):
 
 
 def _random_dataset(specs: list[InputSpec], count: int, rng) -> Dataset:
+    fixed = specs[0].fixed_batch
+    if fixed:
+        count = -(-count // fixed) * fixed
     calib = _random_arrays(specs, count, rng)
     val = _random_arrays(specs, count, rng)
     return Dataset(_batches(specs, calib), _batches(specs, val), None, None,
@@ -138,7 +146,7 @@ def _random_dataset(specs: list[InputSpec], count: int, rng) -> Dataset:
 def _random_arrays(specs: list[InputSpec], count: int, rng) -> dict[str, np.ndarray]:
     arrays = {}
     for spec in specs:
-        shape = (count, *_concrete_dims(spec.shape[1:], len(spec.shape)))
+        shape = (count, *_concrete_dims(spec.shape))
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
@@ -148,42 +156,68 @@ def _random_arrays(specs: list[InputSpec], count: int, rng) -> dict[str, np.ndar
     return arrays
 
 
-def _concrete_dims(dims, rank: int) -> list[int]:
-    out = []
-    for axis, dim in enumerate(dims, start=1):
-        if isinstance(dim, int) and dim > 0:
-            out.append(dim)
-        else:
-            out.append(DEFAULT_SPATIAL if rank == 4 and axis >= 2 else 1)
-    return out
+def _concrete_dims(shape: tuple) -> list[int]:
+    """Sizes for every axis after the batch axis (see the module docstring)."""
+    spatial = _spatial_axes(shape)
+    return [dim if isinstance(dim, int) and dim > 0 else
+            (DEFAULT_SPATIAL if axis in spatial else 1)
+            for axis, dim in enumerate(shape[1:], start=1)]
+
+
+def _spatial_axes(shape: tuple) -> tuple[int, ...]:
+    if len(shape) != 4:
+        return ()
+    nhwc = shape[3] in (1, 3) and shape[1] not in (1, 3)
+    return (1, 2) if nhwc else (2, 3)
 
 
 def _batches(specs: list[InputSpec], arrays: dict[str, np.ndarray]) -> list[dict]:
     total = next(iter(arrays.values())).shape[0]
     size = specs[0].fixed_batch or DYNAMIC_BATCH
-    if total % size and specs[0].fixed_batch:
-        raise DataError(f"{total} samples do not fill batches of the model's fixed size {size}")
+    if specs[0].fixed_batch:
+        total -= total % size  # a fixed-batch model takes whole batches only
     return [{k: v[i:i + size] for k, v in arrays.items()} for i in range(0, total, size)]
 
 
 def _split(specs, arrays, labels, config, rng, source) -> Dataset:
-    total = next(iter(arrays.values())).shape[0]
-    if total < 2:
-        raise DataError(f"{source}: need at least 2 samples (calibration + validation)")
+    """Disjoint calibration and validation sets from one seeded permutation."""
+    total = _sample_count(arrays, labels, source)
+    batch = specs[0].fixed_batch or 1
+    if total < 2 * batch:
+        raise DataError(f"{source}: {total} samples; need at least {2 * batch} "
+                        "(calibration + validation)")
+    if config.val_count is not None and config.val_count < 1:
+        raise DataError("val_count must be at least 1")
     order = rng.permutation(total)
-    n_cal = min(config.calib_count, total // 2) if total <= config.calib_count else config.calib_count
-    end = total if config.val_count is None else min(total, n_cal + config.val_count)
-    cal_idx, val_idx = order[:n_cal], order[n_cal:end]
+    n_cal = config.calib_count if total > config.calib_count else total // 2
+    n_cal = max(batch, n_cal - n_cal % batch)
+    n_val = total - n_cal if config.val_count is None else min(total - n_cal, config.val_count)
+    n_val -= n_val % batch
+    if n_val < 1:
+        raise DataError(f"{source}: no samples left for validation after {n_cal} "
+                        f"for calibration (batches of {batch})")
+    cal_idx, val_idx = order[:n_cal], order[n_cal:n_cal + n_val]
     pick = lambda idx: {k: v[idx] for k, v in arrays.items()}  # noqa: E731
     lab = (lambda idx: labels[idx]) if labels is not None else (lambda idx: None)
     return Dataset(_batches(specs, pick(cal_idx)), _batches(specs, pick(val_idx)),
                    lab(val_idx), lab(cal_idx), source)
 
 
+def _sample_count(arrays: dict[str, np.ndarray], labels, source: str) -> int:
+    counts = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"{source}: inputs have different sample counts {counts}")
+    total = next(iter(counts.values()))
+    if labels is not None and len(labels) != total:
+        raise DataError(f"{source}: {len(labels)} labels for {total} samples")
+    return total
+
+
 def _check_shape(spec: InputSpec, array: np.ndarray, what: str) -> np.ndarray:
     want = spec.shape[1:]
     got = array.shape[1:]
-    if len(want) != len(got) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
+    if array.ndim == 0 or len(want) != len(got) or \
+            any(isinstance(w, int) and w != g for w, g in zip(want, got, strict=True)):
         raise DataError(f"{what}: samples of shape {list(got)} do not fit input "
                         f"'{spec.name}' {list(spec.shape)}")
     return array.astype(spec.dtype, copy=False)
@@ -194,16 +228,20 @@ def _read_npy(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: a .npy feeds one input; the model has {len(specs)} (use .npz)")
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path}: not a .npy array (an .npz archive renamed?)")
     return {specs[0].name: _check_shape(specs[0], array, str(path))}
 
 
 def _read_npz(path: Path, specs: list[InputSpec]):
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: not an .npz archive")
     with archive:
         keys = [k for k in archive.files if k != "labels"]
         if len(specs) == 1 and len(keys) == 1:
@@ -219,14 +257,39 @@ def _read_npz(path: Path, specs: list[InputSpec]):
 
 
 def load_preproc(config, model_path: Path | None, what: str) -> dict:
+    """The preprocessing spec (given, or found beside the model), checked.
+
+    Raises:
+        DataError: no spec, unreadable JSON, or fields of the wrong type.
+    """
     spec_path = config.preproc or find_preproc(model_path)
     if spec_path is None:
         raise DataError(f"{what}: images need a preprocessing spec: put model.preproc.json "
                         "beside the model or pass --preproc FILE")
     try:
-        return json.loads(Path(spec_path).read_text())
+        prep = json.loads(Path(spec_path).read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{spec_path}: cannot read preprocessing spec ({exc})") from exc
+    return _check_preproc(prep, spec_path)
+
+
+def _check_preproc(prep, spec_path) -> dict:
+    if not isinstance(prep, dict):
+        raise DataError(f"{spec_path}: a preprocessing spec is a JSON object")
+    try:
+        for key in ("resize", "crop"):
+            if int(prep.get(key, 0) or 0) < 0:
+                raise ValueError(f"{key} is negative")
+        float(prep.get("scale", 1.0))
+        for key in ("mean", "std"):
+            np.asarray(prep.get(key, 0.0), dtype=np.float32)
+        if not np.min(np.asarray(prep.get("std", 1.0), dtype=np.float32)) > 0:
+            raise ValueError("std must be positive")
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{spec_path}: bad preprocessing spec ({exc})") from exc
+    if str(prep.get("channel_order", "RGB")).upper() not in ("RGB", "BGR"):
+        raise DataError(f"{spec_path}: channel_order must be RGB or BGR")
+    return prep
 
 
 def _image_files(path: Path) -> tuple[list[Path], dict[str, int] | None]:
@@ -261,7 +324,7 @@ def _read_images(path, specs, config, model_path, rng):
     wanted = config.calib_count + (config.val_count if config.val_count is not None else len(files))
     files = [files[i] for i in np.sort(rng.permutation(len(files))[:wanted])]
     spec = specs[0]
-    images = np.stack([preprocess(_open_image(f, spec), prep, spec) for f in files])
+    images = _stack([preprocess(_open_image(f, spec), prep, spec) for f in files], files)
     label_array = None
     if labels is not None:
         missing = [f.name for f in files if f.name not in labels]
@@ -269,6 +332,16 @@ def _read_images(path, specs, config, model_path, rng):
             raise DataError(f"{path}: no label for {missing[0]} in labels.tsv")
         label_array = np.array([labels[f.name] for f in files], dtype=np.int64)
     return {spec.name: _check_shape(spec, images, str(path))}, label_array, str(path)
+
+
+def _stack(samples: list[np.ndarray], files: list[Path]) -> np.ndarray:
+    first = samples[0].shape
+    for path, sample in zip(files, samples, strict=True):
+        if sample.shape != first:
+            raise DataError(f"{path}: preprocessed to {list(sample.shape)} but "
+                            f"{files[0].name} to {list(first)}; give the spec a 'crop' "
+                            "so that every image has the same size")
+    return np.stack(samples)
 
 
 def _layout(spec: InputSpec) -> tuple[str, int]:
@@ -318,9 +391,10 @@ def preprocess(img, prep: dict, spec: InputSpec) -> np.ndarray:
 
 
 def _normalise(pixels: np.ndarray, prep: dict, channels: int, layout: str) -> np.ndarray:
-    scale = float(prep.get("scale", 1.0 / 255.0))
-    mean = np.asarray(prep.get("mean", [0.0] * channels), dtype=np.float32)[:channels]
-    std = np.asarray(prep.get("std", [1.0] * channels), dtype=np.float32)[:channels]
+    scale = np.float32(prep.get("scale", 1.0 / 255.0))
+    # a scalar applies to every channel; a grayscale model takes the first entry
+    mean = np.atleast_1d(np.asarray(prep.get("mean", 0.0), dtype=np.float32))[:channels]
+    std = np.atleast_1d(np.asarray(prep.get("std", 1.0), dtype=np.float32))[:channels]
     out = (pixels * scale - mean) / std
     return out.transpose(2, 0, 1) if layout == "NCHW" else out
 
@@ -332,26 +406,37 @@ def _idx_files(path: Path) -> tuple[Path | None, Path | None]:
 
 
 def _read_idx_file(path: Path) -> np.ndarray:
+    """An unsigned-byte IDX file: magic 00 00 08 ndim, ndim big-endian sizes, data."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except OSError as exc:
+    except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read IDX file ({exc})") from exc
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad header)")
     ndim = raw[3]
-    dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
-    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
+    dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(np.int64)
+    data = np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: {data.size} bytes of data for shape {dims.tolist()}")
+    return data.reshape(dims)
 
 
 def _read_idx(path, specs, config, model_path):
     """MNIST-style IDX: images [N, H, W] uint8, optional labels [N]."""
     image_file, label_file = _idx_files(path)
+    if len(specs) != 1:
+        raise DataError(f"{path}: IDX images feed one input; the model has {len(specs)}")
     spec = specs[0]
     prep = {"scale": 1.0 / 255.0}
     found = config.preproc or find_preproc(model_path)
     if found is not None:
         prep = load_preproc(config, model_path, str(path))
-    pixels = _read_idx_file(image_file).astype(np.float32)[..., None]
+    pixels = _read_idx_file(image_file).astype(np.float32)
+    if pixels.ndim != 3:
+        raise DataError(f"{image_file}: IDX images must be [N, H, W], got {list(pixels.shape)}")
+    pixels = pixels[..., None]
     layout, _ = _layout(spec)
     images = np.stack([_normalise(p, prep, 1, layout) for p in pixels])
     labels = _read_idx_file(label_file).astype(np.int64) if label_file else None

@@ -2,21 +2,27 @@
 
 Exit codes: 0 written; 1 the result failed validation and nothing was written;
 2 bad input or usage; 3 internal error (run again with --debug for the traceback);
-130 interrupted. Every failure is one line on stderr.
+130 interrupted. Every failure is one line on stderr (after the progress lines, which
+``--quiet`` silences); the report table goes to stdout, also when nothing was written.
+
+The pipeline modules (manager, passes, onnxruntime) are imported inside ``main``'s
+error handling, so a broken or missing dependency is a one-line error too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from . import __version__, passes
+from . import __version__
 from .config import Budget, Config, DataConfig, Tolerance
 from .errors import OnnxSlimError, UsageError
-from .manager import DEFAULT_PRESET, PRESETS, compress
 
 PROG = "onnxslim-cnn"
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,20 +30,34 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Compress a CNN in ONNX form, validated "
-                "against onnxruntime after every pass.")
+def _parser(presets: dict[str, tuple[str, ...]], default_preset: str) -> argparse.ArgumentParser:
+    # allow_abbrev=False: main() spots --debug/--quiet before parsing, so they must be
+    # spelled out in full.
+    p = _Parser(prog=PROG, allow_abbrev=False, description="Compress a CNN in ONNX form, "
+                "validated against onnxruntime after every pass.")
     p.add_argument("input", nargs="?", help="model to compress (never modified)")
     p.add_argument("output", nargs="?", help="where to write the result")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    g = p.add_argument_group("pipeline")
+    _pipeline_options(p.add_argument_group("pipeline"), presets, default_preset)
+    _data_options(p.add_argument_group("data"))
+    _validation_options(p.add_argument_group("validation"))
+    o = p.add_argument_group("output")
+    o.add_argument("--report", type=Path, help="write the report as JSON here")
+    o.add_argument("--quiet", action="store_true", help="no progress and no table")
+    o.add_argument("--debug", action="store_true", help="tracebacks instead of one-liners")
+    return p
+
+
+def _pipeline_options(g, presets, default_preset: str) -> None:
     g.add_argument("--passes", help="comma-separated passes, run in the order given")
-    g.add_argument("--preset", choices=sorted(PRESETS), help=f"named pipeline "
-                   f"(default {DEFAULT_PRESET})")
+    g.add_argument("--preset", choices=sorted(presets),
+                   help=f"named pipeline (default {default_preset})")
     g.add_argument("--skip", action="append", default=[], help="drop a pass (repeatable, "
                    "or comma-separated)")
     g.add_argument("--list-passes", action="store_true", help="list passes and exit")
-    d = p.add_argument_group("data")
+
+
+def _data_options(d) -> None:
     d.add_argument("--data", type=Path, help="image folder (labels.tsv optional), IDX "
                    "folder, .npy or .npz; default: seeded random inputs")
     d.add_argument("--preproc", type=Path, help="image preprocessing spec "
@@ -46,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                    "the others validate (default 100)")
     d.add_argument("--val-count", type=int, help="at most this many validation samples")
     d.add_argument("--seed", type=int, default=0, help="seed for random inputs and splits")
-    b = p.add_argument_group("validation")
+
+
+def _validation_options(b) -> None:
     b.add_argument("--max-top1-drop", type=float, default=Budget.max_top1_drop,
                    help="lossy passes: largest top-1 loss in points (with labels)")
     b.add_argument("--min-top1-agreement", type=float, help="lossy passes: smallest "
@@ -60,35 +82,47 @@ def _parser() -> argparse.ArgumentParser:
                    "comparison (for models onnxruntime cannot run)")
     b.add_argument("--force", action="store_true", help="write the result even if it "
                    "fails validation")
-    o = p.add_argument_group("output")
-    o.add_argument("--report", type=Path, help="write the report as JSON here")
-    o.add_argument("--quiet", action="store_true", help="no progress and no table")
-    o.add_argument("--debug", action="store_true", help="tracebacks instead of one-liners")
-    return p
 
 
-def _pipeline(args) -> tuple[str, ...]:
-    if args.passes and args.preset:
+def _pipeline(args, presets, default_preset: str, get_pass) -> tuple[str, ...]:
+    if args.passes is not None and args.preset:
         raise UsageError("give --passes or --preset, not both")
-    names = [n.strip() for n in args.passes.split(",")] if args.passes else \
-        list(PRESETS[args.preset or DEFAULT_PRESET])
+    if args.passes is not None:
+        names = [n.strip() for n in args.passes.split(",")]
+    else:
+        names = list(presets[args.preset or default_preset])
     if any(not n for n in names):
         raise UsageError("--passes has an empty name")
     skip = {n.strip() for s in args.skip for n in s.split(",") if n.strip()}
     for name in list(names) + sorted(skip):
-        passes.get_pass(name)
-    return tuple(n for n in names if n not in skip)
+        get_pass(name)
+    kept = tuple(n for n in names if n not in skip)
+    if not kept:
+        raise UsageError("--skip leaves no pass to run")
+    return kept
 
 
-def _config(args) -> Config:
+def _check_numbers(args) -> None:
     if args.calib_count < 1:
         raise UsageError("--calib-count must be at least 1")
+    if args.val_count is not None and args.val_count < 1:
+        raise UsageError("--val-count must be at least 1")
+    if args.seed < 0:
+        raise UsageError("--seed must be 0 or more")
+    for flag in ("rtol", "atol", "max_top1_drop"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:  # also rejects NaN
+            raise UsageError(f"--{flag.replace('_', '-')} must be 0 or more")
+
+
+def _config(args, pipeline: tuple[str, ...]) -> Config:
+    _check_numbers(args)
     tolerance = None
     if args.rtol is not None or args.atol is not None:
         tolerance = Tolerance(rtol=args.rtol if args.rtol is not None else Tolerance.rtol,
                               atol=args.atol if args.atol is not None else Tolerance.atol)
     return Config(
-        passes=_pipeline(args),
+        passes=pipeline,
         data=DataConfig(path=args.data, preproc=args.preproc, calib_count=args.calib_count,
                         val_count=args.val_count, seed=args.seed),
         budget=Budget(max_top1_drop=args.max_top1_drop, min_cosine=args.min_cosine,
@@ -98,24 +132,43 @@ def _config(args) -> Config:
     )
 
 
-def _list_passes() -> str:
-    width = max(len(n) for n in passes.REGISTRY)
-    lines = [f"{name:<{width}}  {cls.summary}" for name, cls in sorted(passes.REGISTRY.items())]
-    lines += [f"preset {name}: {','.join(seq)}" for name, seq in PRESETS.items()]
+def _check_report_path(report: Path | None, input_path: str, output_path: str) -> None:
+    """The report never replaces the input or the output, and its folder exists."""
+    if report is None:
+        return
+    for other, what in ((input_path, "input"), (output_path, "output")):
+        if os.path.abspath(report) == os.path.abspath(other) or \
+                (report.exists() and Path(other).exists() and os.path.samefile(report, other)):
+            raise UsageError(f"--report {report}: is the {what} file")
+    folder = report.parent
+    if not folder.is_dir():
+        raise UsageError(f"--report {report}: folder {folder} does not exist")
+
+
+def _list_passes(registry, presets) -> str:
+    width = max(len(n) for n in registry)
+    lines = [f"{name:<{width}}  {cls.summary}" for name, cls in sorted(registry.items())]
+    lines += [f"preset {name}: {','.join(seq)}" for name, seq in presets.items()]
     return "\n".join(lines)
 
 
-def _run(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+def _run(argv: list[str]) -> int:
+    from . import passes
+    from .manager import DEFAULT_PRESET, PRESETS, compress
+
+    args = _parser(PRESETS, DEFAULT_PRESET).parse_args(argv)
     if args.list_passes:
-        print(_list_passes())
+        print(_list_passes(passes.REGISTRY, PRESETS))
         return 0
     if not args.input or not args.output:
         raise UsageError("need an input and an output path (see --help)")
-    config = _config(args)
+    config = _config(args, _pipeline(args, PRESETS, DEFAULT_PRESET, passes.get_pass))
+    _check_report_path(args.report, args.input, args.output)
+
     def progress(message: str) -> None:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
+
     report = compress(args.input, args.output, config, progress=progress, debug=args.debug)
     if args.report:
         report.write_json(args.report)
@@ -124,26 +177,39 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # newlines and runs of blanks -> one space
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (see the module docstring)."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug, quiet = "--debug" in argv, "--quiet" in argv
     try:
         return _run(argv)
     except OnnxSlimError as exc:
         if debug:
             raise
         report = getattr(exc, "report", None)
-        if report is not None and "--quiet" not in (argv or sys.argv[1:]):
-            print(report.table(), file=sys.stderr)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        if report is not None and not quiet:
+            print(report.table(), flush=True)
+        return _fail(f"error: {_one_line(exc)}", exc.exit_code)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return _fail("interrupted (outputs are written atomically: none is partial)",
+                     EXIT_INTERRUPTED)
+    except ImportError as exc:
+        if debug:
+            raise
+        return _fail(f"error: a dependency cannot be imported: {_one_line(exc)} "
+                     "(reinstall onnxslim_cnn with its requirements)", EXIT_INTERNAL)
     except Exception as exc:  # last resort: never a traceback without --debug
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        print(f"{PROG}: internal error: {type(exc).__name__}: {first} (rerun with --debug)",
-              file=sys.stderr)
-        return 3
+        return _fail(f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+                     "(rerun with --debug)", EXIT_INTERNAL)

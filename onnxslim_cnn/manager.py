@@ -12,6 +12,7 @@ keeps error from piling up unseen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -66,10 +67,8 @@ def build_pipeline(config: Config) -> list[Pass]:
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """graphsurgeon graph of ``model`` with inferred shapes where onnx can infer them."""
     if not model_io.needs_external_data(model):
-        try:
+        with contextlib.suppress(Exception):  # shape inference helps, is not required
             model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # shape inference is a help, not a requirement
-            pass
     return gs.import_onnx(model)
 
 
@@ -141,7 +140,7 @@ class Manager:
             report.passes.append(record)
             if record.status == "applied":
                 model = self._accepted
-                done.append(p.name)
+            done.append(p.name)
             self.progress(f"[{p.name}] {record.status} in {record.seconds:.1f}s"
                           + (f": {record.reason}" if record.reason else ""))
         report.final, report.failure = self._final(model)
@@ -172,7 +171,8 @@ class Manager:
         graph = import_graph(work)
         p.check(graph, ctx)
         result = p.run(graph, ctx)
-        if not result.changed and work is model:
+        if not result.changed:
+            # An opset upgrade alone is not what the pass is for: keep the model as is.
             return _Outcome(None, result)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return _Outcome(export_graph(graph, work), result)

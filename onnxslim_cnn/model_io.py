@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import numpy_helper
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import InvalidModelError, OutputError, UnsupportedModelError
 
@@ -39,7 +38,8 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: file is empty")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
+        # ValidationError: external data missing or pointing outside the model's folder
         raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph or no nodes)")
@@ -50,7 +50,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 def check(model: onnx.ModelProto, what: str = "model") -> None:
     """Run ``onnx.checker`` (through a temporary file above the protobuf limit)."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if needs_external_data(model):
             with temp_model_path(model) as tmp:
                 onnx.checker.check_model(str(tmp))
         else:
@@ -79,6 +79,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise UnsupportedModelError(f"opset {target} is newer than supported ({MAX_OPSET})")
     try:
         converted = onnx.version_converter.convert_version(model, target)
+        check(converted, what="upgraded model")
     except Exception as exc:  # the converter raises bare RuntimeError/IndexError
         raise UnsupportedModelError(
             f"cannot upgrade opset {opset(model)} -> {target}: {_first_line(exc)}"
@@ -119,8 +120,8 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> int:
         if tensor is None:
             keep.append(node)
             continue
-        array = numpy_helper.to_array(tensor)
-        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
         moved += 1
     if moved:
         del graph.node[:]
@@ -128,24 +129,74 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> int:
     return moved
 
 
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    attrs = {a.name: a for a in node.attribute}
-    if "value" in attrs:
-        return attrs["value"].t
-    for name, kind in (("value_float", "f"), ("value_int", "i")):
-        if name in attrs:
-            import numpy as np
+# Constant attribute -> (TensorProto element type, field of the AttributeProto, scalar?)
+_CONSTANT_ATTRS = {
+    "value_float": (onnx.TensorProto.FLOAT, "f", True),
+    "value_int": (onnx.TensorProto.INT64, "i", True),
+    "value_floats": (onnx.TensorProto.FLOAT, "floats", False),
+    "value_ints": (onnx.TensorProto.INT64, "ints", False),
+}
 
-            dtype = np.float32 if kind == "f" else np.int64
-            return numpy_helper.from_array(np.array(getattr(attrs[name], kind), dtype=dtype))
-    return None
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """A new TensorProto with the value of a ``Constant`` node (None if not one).
+
+    ``value`` is copied bit for bit (no numpy round trip: bfloat16, NaN payloads and
+    -0.0 stay as they are); ``sparse_value`` and string values stay nodes.
+    """
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or \
+            len(node.output) != 1 or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+        return tensor
+    if attr.name not in _CONSTANT_ATTRS:
+        return None
+    elem_type, field, scalar = _CONSTANT_ATTRS[attr.name]
+    values = getattr(attr, field)
+    return onnx.helper.make_tensor("", elem_type, [] if scalar else [len(values)],
+                                   [values] if scalar else list(values))
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes of ``model`` as one protobuf, also when that is over the 2 GiB limit.
+
+    Above the limit protobuf's ``ByteSize`` raises instead of counting, so the size is
+    then summed piecewise (tensor payloads by their length): exact to within the few
+    bytes of field headers, which is all the limit test and the report need.
+    """
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return _piecewise_size(model)
+
+
+def _piecewise_size(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    parts = [*graph.node, *graph.input, *graph.output, *graph.value_info,
+             *model.opset_import, *model.metadata_props, *model.functions]
+    size = sum(_message_size(p) for p in parts)
+    return size + sum(_tensor_size(t) for t in graph.initializer)
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    if len(tensor.raw_data) > PROTOBUF_LIMIT // 2:
+        return len(tensor.raw_data) + len(tensor.name) + 16 * (len(tensor.dims) + 2)
+    return _message_size(tensor)
+
+
+def _message_size(message) -> int:
+    try:
+        return message.ByteSize()
+    except EncodeError:  # a single node or tensor above the limit: surely too big
+        return PROTOBUF_LIMIT + 1
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
     """Serialized size of ``model``, tensors included wherever they are stored."""
-    size = model.ByteSize()
+    size = serialized_size(model)
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             size += next((int(e.value) for e in init.external_data if e.key == "length"), 0)
@@ -154,7 +205,7 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """True when the model cannot be serialized as a single protobuf."""
-    return model.ByteSize() > PROTOBUF_LIMIT
+    return serialized_size(model) > PROTOBUF_LIMIT
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
@@ -184,9 +235,12 @@ def _save_staged(model: onnx.ModelProto, path: Path, staging: Path) -> list[Path
     if needs_external_data(model):
         data_name = path.name + ".data"
         _save_external(model, staged, data_name)
-        os.replace(staging / data_name, path.parent / data_name)
+        written = [path]
+        if (staging / data_name).exists():  # absent when every tensor is below 1 KB
+            os.replace(staging / data_name, path.parent / data_name)
+            written.append(path.parent / data_name)
         os.replace(staged, path)
-        return [path, path.parent / data_name]
+        return written
     with open(staged, "wb") as handle:
         handle.write(model.SerializeToString())
         handle.flush()

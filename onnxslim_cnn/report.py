@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
 
 
 @dataclass
@@ -52,10 +59,31 @@ class Report:
         return self.size_in / self.size_out if self.size_out else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self) | {"ratio": self.ratio})
+        """Plain JSON types only (numpy scalars -> numbers, Inf/NaN -> None)."""
+        return _plain(self) | {"ratio": _plain(self.ratio)}
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the report atomically (temp file in the same folder, then replace).
+
+        Raises:
+            OutputError: the folder is missing or not writable.
+        """
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def table(self) -> str:
         """A human-readable summary (one line per pass, then the totals)."""
@@ -97,6 +125,8 @@ def _pass_line(rec: PassRecord) -> str:
 def _num(value: Any, digits: int = 3) -> str:
     if value is None:
         return ""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)  # numpy floats print like Python floats
     if isinstance(value, float):
         return f"{value:.{digits}g}" if digits == 3 else f"{value:.{digits}f}"
     return str(value)
@@ -109,12 +139,23 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no Inf/NaN: replace them by None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of ``value``, recursively.
+
+    Dataclasses become dicts (not through ``dataclasses.asdict``, which rebuilds a
+    Counter from (key, count) pairs and so garbles ``declined``), numpy scalars and
+    arrays become numbers and lists, paths strings, and Inf/NaN None (JSON has none).
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _plain(value.tolist())
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return str(value)

@@ -9,11 +9,17 @@ Metrics per output, all against the original model's outputs on the same inputs:
 - ``top1_agreement``: fraction of samples whose argmax agrees (classifier-shaped
   outputs only: ``[N, C]`` or ``[N, C, 1, 1]`` with C >= 2).
 With labels, top-1 accuracy of both models and the drop in points.
+
+Non-finite values: where the reference itself is NaN or ±Inf the candidate must hold
+the same (NaN where NaN, the same infinity), and such positions then count as equal;
+a candidate NaN/Inf anywhere else makes ``max_abs`` infinite, cosine -1 and SQNR
+``-SQNR_CAP``, which fails every check.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -23,7 +29,7 @@ import onnxruntime as ort
 
 from . import model_io
 from .config import Budget, Tolerance
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, ValidationError
 
 SQNR_CAP = 200.0
 Batch = Mapping[str, np.ndarray]
@@ -54,7 +60,9 @@ class Runner:
                  threads: int | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = self.LEVELS[optimization]
-        options.log_severity_level = 3
+        # 4 = fatal only: onnxruntime logs run failures to stderr itself, and the CLI
+        # promises one line per error (ours, raised below)
+        options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
         self._stack = contextlib.ExitStack()
@@ -65,8 +73,9 @@ class Runner:
             )
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             self._stack.close()
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
-            raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from exc
+            raise UnsupportedModelError(
+                f"onnxruntime cannot load the model: {_first_line(exc)}"
+            ) from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -76,8 +85,22 @@ class Runner:
         return model.SerializeToString()
 
     def run_batch(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Outputs on one batch.
+
+        Raises:
+            UnsupportedModelError: an input is missing from ``batch`` or onnxruntime
+                fails to run the model on it.
+        """
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise UnsupportedModelError(f"no data for model input(s) {missing}")
         feed = {name: batch[name] for name in self.input_names}
-        values = self.session.run(self.output_names, feed)
+        try:
+            values = self.session.run(self.output_names, feed)
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise UnsupportedModelError(
+                f"onnxruntime cannot run the model on these inputs: {_first_line(exc)}"
+            ) from exc
         return dict(zip(self.output_names, values, strict=True))
 
     def run(self, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
@@ -93,7 +116,20 @@ class Runner:
         self._stack.close()
 
 
+def _first_line(exc: BaseException) -> str:
+    """The useful part of an onnxruntime message, on one line.
+
+    onnxruntime prefixes messages with the C++ source location and function signature
+    (``/onnxruntime_src/...h:46 void onnxruntime::...(...)``): dropped.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"/\S+\.(?:h|cc|cpp):\d+ (?:[^()]*\([^()]*\)[^ ]* )?", "", text)
+    return text[:300]
+
+
 def _concat(values: list[np.ndarray]) -> np.ndarray:
+    if not values:
+        raise UnsupportedModelError("no samples to run the model on")
     if len(values) == 1 or values[0].ndim == 0:
         return values[0]
     return np.concatenate(values, axis=0)
@@ -168,7 +204,17 @@ def classifier_scores(value: np.ndarray) -> np.ndarray | None:
 
 def compare(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
             labels: np.ndarray | None = None) -> Metrics:
-    """Metrics of ``cand`` against ``ref`` (same output names), optionally with labels."""
+    """Metrics of ``cand`` against ``ref`` (same output names), optionally with labels.
+
+    Raises:
+        ValidationError: an output is missing from ``cand`` or changed shape.
+    """
+    for name, r in ref.items():
+        if name not in cand:
+            raise ValidationError(f"output '{name}' is missing")
+        if np.shape(cand[name]) != np.shape(r):
+            raise ValidationError(f"output '{name}' changed shape {list(np.shape(r))} -> "
+                                  f"{list(np.shape(cand[name]))}")
     outputs = [_output_metrics(name, ref[name], cand[name]) for name in ref]
     samples = next(iter(ref.values())).shape[0] if ref else 0
     metrics = Metrics(outputs=outputs, samples=int(samples))
@@ -178,33 +224,53 @@ def compare(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
 
 
 def _output_metrics(name: str, r: np.ndarray, y: np.ndarray) -> OutputMetrics:
-    r64, y64 = r.astype(np.float64), y.astype(np.float64)
-    diff = np.abs(y64 - r64)
-    max_abs = float(np.max(diff)) if diff.size else 0.0
-    if not np.all(np.isfinite(y64[np.isfinite(r64)])):
-        max_abs = float("inf")
-    scale = float(np.max(np.abs(r64))) if r64.size else 0.0
-    cos = _per_sample_cosine(r64, y64)
-    noise = float(np.linalg.norm(y64 - r64))
-    signal = float(np.linalg.norm(r64))
-    sqnr = SQNR_CAP if noise == 0 else min(SQNR_CAP, 20 * np.log10(max(signal, 1e-30) / noise))
-    scores_r, scores_y = classifier_scores(r), classifier_scores(y)
+    r64, y64, ok = _finite_pair(r, y)
+    scores_r, scores_y = classifier_scores(r64), classifier_scores(y64)
     agree = None
     if scores_r is not None and scores_y is not None:
         agree = float(np.mean(scores_r.argmax(1) == scores_y.argmax(1)))
+    if not ok:
+        return OutputMetrics(name, float("inf"), float("inf"), -1.0, -1.0, -SQNR_CAP, agree)
+    max_abs = float(np.max(np.abs(y64 - r64))) if r64.size else 0.0
+    scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+    cos = _per_sample_cosine(r64, y64)
     return OutputMetrics(
         name=name, max_abs=max_abs, max_rel=max_abs / scale if scale else max_abs,
         cosine=float(np.mean(cos)), cosine_min=float(np.min(cos)),
-        sqnr_db=float(sqnr) if np.isfinite(sqnr) else -SQNR_CAP, top1_agreement=agree,
+        sqnr_db=sqnr_db(r64, y64), top1_agreement=agree,
     )
+
+
+def _finite_pair(r: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """float64 copies with matching non-finite positions zeroed, and whether all match.
+
+    A position matches when both are finite, both NaN, or both the same infinity.
+    """
+    r64, y64 = np.asarray(r, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    finite_r, finite_y = np.isfinite(r64), np.isfinite(y64)
+    if finite_r.all() and finite_y.all():
+        return r64, y64, True
+    same = (np.isnan(r64) & np.isnan(y64)) | (~finite_r & (r64 == y64))
+    ok = bool(np.all((finite_r & finite_y) | same))
+    zero = ~(finite_r & finite_y)
+    return np.where(zero, 0.0, r64), np.where(zero, 0.0, y64), ok
+
+
+def sqnr_db(r: np.ndarray, y: np.ndarray) -> float:
+    """``20 log10(||r|| / ||y - r||)`` in dB, capped at ``SQNR_CAP`` (finite inputs)."""
+    noise = float(np.linalg.norm(y - r))
+    if noise == 0:
+        return SQNR_CAP
+    signal = float(np.linalg.norm(r))
+    if signal == 0:
+        return -SQNR_CAP
+    return float(np.clip(20 * np.log10(signal / noise), -SQNR_CAP, SQNR_CAP))
 
 
 def _per_sample_cosine(r: np.ndarray, y: np.ndarray) -> np.ndarray:
     if r.ndim == 0:
         r, y = r.reshape(1, 1), y.reshape(1, 1)
     r2, y2 = r.reshape(r.shape[0], -1), y.reshape(y.shape[0], -1)
-    if not np.all(np.isfinite(y2)):
-        return np.full(r2.shape[0], -1.0)
     dot = np.sum(r2 * y2, axis=1)
     norms = np.linalg.norm(r2, axis=1) * np.linalg.norm(y2, axis=1)
     both_zero = (np.linalg.norm(r2, axis=1) == 0) & (np.linalg.norm(y2, axis=1) == 0)
@@ -232,13 +298,13 @@ def check_lossless(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray]
         y = cand[name]
         if y.shape != r.shape:
             return f"output '{name}' changed shape {r.shape} -> {y.shape}"
-        r64, y64 = r.astype(np.float64), y.astype(np.float64)
+        r64, y64, ok = _finite_pair(r, y)
+        if not ok:
+            return f"output '{name}' has NaN or Inf where the original has not"
         scale = max(1.0, float(np.max(np.abs(r64)))) if r64.size else 1.0
-        bound = tol.atol * scale + tol.rtol * np.abs(r64)
-        excess = np.abs(y64 - r64) - bound
-        if excess.size and not np.all(excess <= 0):
-            worst = float(np.nanmax(np.abs(y64 - r64))) if np.all(np.isfinite(y64)) else np.inf
-            return (f"output '{name}' differs by up to {worst:.3g} "
+        diff = np.abs(y64 - r64)
+        if diff.size and not np.all(diff <= tol.atol * scale + tol.rtol * np.abs(r64)):
+            return (f"output '{name}' differs by up to {float(np.max(diff)):.3g} "
                     f"(tolerance rtol={tol.rtol:g}, atol={tol.atol:g}*max(1,|ref|max={scale:.3g}))")
     return None
 

@@ -101,4 +101,20 @@ def shared_model(name: str) -> Path:
     return path
 
 
+def run_pipeline(model: onnx.ModelProto, passes, **config_fields):
+    """Run ``passes`` through the Manager on seeded random inputs, as ``compress`` does.
+
+    Returns (result_model, report).
+    """
+    from onnxslim_cnn.calibration import load_dataset
+    from onnxslim_cnn.config import Config
+    from onnxslim_cnn.manager import Manager
+    from onnxslim_cnn.report import Report
+
+    config = Config(passes=tuple(passes), **config_fields)
+    report = Report(input="<memory>", output="<memory>")
+    result = Manager(config).run(model, load_dataset(config.data, model), report)
+    return result, report
+
+
 __all__ = ["gs"]

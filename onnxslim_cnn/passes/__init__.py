@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registration side effects)
     dedup_initializers,
     fold_bn,
     fold_constants,
+    qdq,
     remove_dead,
     remove_identity,
 )

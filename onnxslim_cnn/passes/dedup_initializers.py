@@ -26,10 +26,12 @@ class DedupInitializers(Pass):
         result = PassResult(changed=False)
         keep: dict[tuple, gs.Constant] = {}
         for tensor in _constants(graph):
-            value = np.ascontiguousarray(tensor.values)
-            key = (value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).hexdigest())
+            value = np.asarray(tensor.values)
+            raw = np.ascontiguousarray(value).tobytes()
+            key = (value.dtype.str, value.shape, hashlib.sha1(raw).hexdigest())
             first = keep.setdefault(key, tensor)
-            if first is tensor or not np.array_equal(first.values, value):
+            # Bytes, not values: -0.0 and 0.0 differ in the file, NaN equals itself.
+            if first is tensor or np.ascontiguousarray(first.values).tobytes() != raw:
                 continue
             replace_uses(tensor, first)
             result.stats["duplicates_merged"] = result.stats.get("duplicates_merged", 0) + 1

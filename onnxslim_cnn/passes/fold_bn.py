@@ -12,9 +12,11 @@ Math, with s = g / sqrt(v + eps) per output channel c:
     b'[c] = (b[c] - m[c]) * s[c] + beta[c]
 Gemm (Y = alpha A B + beta_g C): B' = alpha B s, C' = s (beta_g C - m) + beta, beta_g' = 1.
 
-Declines when: the layer output has other consumers; the weight is shared with another
-node (folding would duplicate it); a parameter is not constant; BN is in training mode,
-uses spatial=0, or has its extra outputs consumed; MatMul/Gemm output is not 2-D.
+Declines when: the layer output has other consumers or is a graph output; the weight is
+shared with another node or is a graph output (folding would duplicate it); a parameter
+is not constant; BN is in training mode, uses spatial=0, or has its extra outputs used
+(consumed or graph outputs); the MatMul output is not known to be 2-D; a Gemm bias C
+differs per row.
 The arithmetic is done in float64 and cast back to the weight's dtype.
 """
 
@@ -48,18 +50,20 @@ class FoldBatchNorm(Pass):
         return result
 
     def _fold(self, bn: gs.Node, taken: set[str], outputs: set[str]) -> str | None:
-        reason = _bn_reason(bn)
+        reason = _bn_reason(bn, outputs)
         if reason:
             return reason
         layer = bn.inputs[0].inputs[0] if bn.inputs[0].inputs else None
         if layer is None or layer.op not in LINEAR_OPS:
             return "BN input is not produced by Conv/Gemm/MatMul"
-        if len(bn.inputs[0].outputs) != 1 or bn.inputs[0].name in outputs:
+        if len(bn.inputs[0].outputs) != 1:
             return "layer output has other consumers"
+        if bn.inputs[0].name in outputs:
+            return "layer output is a graph output"
         weight = layer.inputs[1]
         if const_value(weight) is None:
             return "layer weight is not constant"
-        if len(weight.outputs) != 1:
+        if len(weight.outputs) != 1 or weight.name in outputs:
             return "weight is shared with another node (folding would duplicate it)"
         scale, shift = _bn_affine(bn)
         folded = _FOLDERS[layer.op](layer, scale, shift)
@@ -69,12 +73,12 @@ class FoldBatchNorm(Pass):
         return None
 
 
-def _bn_reason(bn: gs.Node) -> str | None:
+def _bn_reason(bn: gs.Node, outputs: set[str]) -> str | None:
     if bn.attrs.get("training_mode", 0):
         return "BatchNormalization in training mode"
     if bn.attrs.get("spatial", 1) != 1:
         return "BatchNormalization with spatial=0"
-    if any(out.outputs for out in bn.outputs[1:]):
+    if any(out.outputs or out.name in outputs for out in bn.outputs[1:]):
         return "BatchNormalization statistics outputs are used"
     if any(const_value(t) is None for t in bn.inputs[1:5]):
         return "BatchNormalization parameters are not constant"
@@ -152,5 +156,7 @@ def _install(layer: gs.Node, bn: gs.Node, folded, taken: set[str]) -> None:
     layer.attrs.update(attrs)
     layer.inputs = [layer.inputs[0], weight, bias]
     y = bn.outputs[0]
+    # Inputs first: graphsurgeon unlinks by node equality (see remove_identity._detach).
+    bn.inputs.clear()
     bn.outputs.clear()
     layer.outputs = [y]

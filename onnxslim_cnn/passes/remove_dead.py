@@ -1,4 +1,4 @@
-"""Remove graph inputs nothing reads, and count dead nodes and initializers (lossless).
+"""Remove graph inputs nothing live reads, and count dead nodes and initializers (lossless).
 
 Dead nodes (no path to a graph output) and the initializers only they read are
 deleted by the manager's graph cleanup, which runs after every pass that changed the
@@ -24,8 +24,9 @@ class RemoveDead(Pass):
         dead_nodes = [n for n in graph.nodes if id(n) not in live_nodes]
         dead_consts = {t.name for n in dead_nodes for t in n.inputs
                        if isinstance(t, gs.Constant) and t.name not in live_tensors}
-        outputs = {t.name for t in graph.outputs}
-        unused = [t for t in graph.inputs if not t.outputs and t.name not in outputs]
+        # An input read only by dead nodes is unused too: the cleanup that follows
+        # removes those nodes, so keeping the input would leave a second run work.
+        unused = [t for t in graph.inputs if t.name not in live_tensors]
         graph.inputs[:] = [t for t in graph.inputs if t not in unused]
         stats = {"dead_nodes": len(dead_nodes), "dead_initializers": len(dead_consts),
                  "unused_inputs_removed": len(unused)}
@@ -51,12 +52,13 @@ def _live(graph: gs.Graph) -> tuple[set[int], set[str]]:
 
 
 def _captured(node: gs.Node) -> list[gs.Tensor]:
-    """Outer tensors that a node's subgraphs read."""
+    """Outer tensors that a node's subgraphs (at any depth) read.
+
+    Over-approximates: a tensor of an enclosing subgraph read by a nested one is
+    listed too, which only keeps more alive.
+    """
     found = []
-    for value in node.attrs.values():
-        for sub in value if isinstance(value, list) else [value]:
-            if isinstance(sub, gs.Graph):
-                inner = {t.name for n in sub.nodes for t in n.outputs} | {
-                    t.name for t in sub.inputs}
-                found += [t for n in sub.nodes for t in n.inputs if t.name not in inner]
+    for sub in node.subgraphs(recursive=True):
+        inner = {t.name for n in sub.nodes for t in n.outputs} | {t.name for t in sub.inputs}
+        found += [t for n in sub.nodes for t in n.inputs if t.name not in inner]
     return found

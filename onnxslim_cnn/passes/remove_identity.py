@@ -5,8 +5,8 @@ When the removed node's output is a graph output, the producer writes that name
 directly, so the model's interface keeps its output names.
 
 Declines when: the Dropout is in training mode or its mask output is used; the node
-connects a graph input (or constant) straight to a graph output; the output name is
-referenced from inside a subgraph (If/Loop bodies capture outer names).
+connects a graph input (or constant) straight to a graph output, or two graph outputs;
+the output name is referenced from inside a subgraph (If/Loop bodies capture outer names).
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from .base import (
-    Pass, PassContext, PassResult, const_value, register, replace_output, replace_uses,
+    Pass,
+    PassContext,
+    PassResult,
+    const_value,
+    register,
+    replace_output,
+    replace_uses,
 )
 
 
@@ -67,14 +73,28 @@ def _bypass(node: gs.Node, graph: gs.Graph) -> str | None:
     src, dst = node.inputs[0], node.outputs[0]
     if dst in graph.outputs:
         producer = src.inputs[0] if src.inputs else None
-        if producer is None or src in graph.outputs or src in graph.inputs:
+        if producer is None or src in graph.inputs:
             return "connects a graph input or constant directly to a graph output"
+        if src in graph.outputs:
+            return "input and output are both graph outputs"
         # The producer takes over the graph output's name.
-        node.outputs.clear()
-        node.inputs.clear()
+        _detach(node)
         replace_uses(src, dst)
         replace_output(producer, src, dst)
         return None
     replace_uses(dst, src)
-    node.outputs.clear()
+    _detach(node)
     return None
+
+
+def _detach(node: gs.Node) -> None:
+    """Disconnect ``node`` from every tensor, inputs first.
+
+    graphsurgeon unlinks a node from a tensor with ``list.remove``, which compares
+    nodes by name, op, attributes, inputs and outputs: a half-disconnected unnamed node
+    (inputs kept, outputs cleared) equals any other such node on the same input, and the
+    wrong one would be unlinked. Clearing the inputs while the outputs still tell the
+    node apart avoids that.
+    """
+    node.inputs.clear()
+    node.outputs.clear()

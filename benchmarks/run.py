@@ -1,0 +1,177 @@
+"""Benchmark onnxslim_cnn against peer compressors on real models, side by side.
+
+    python benchmarks/run.py [--models m1,m2] [--tools t1,t2] [--quick]
+                             [--calib-count N] [--val-count N] [--out DIR]
+
+For each model × tool: run the tool as a child process (time, peak memory), then measure
+its model against the fp32 original (size, accuracy on held-out images, latency, int8
+kernels; see ``measure.py``). Writes ``results.json``, ``RESULTS.md`` and
+``plots/<model>.png`` into ``--out`` (default: this folder).
+
+Adding a tool configuration is one line in ``TOOLS``. An onnxslim_cnn entry whose passes
+are not registered yet, or a peer whose package is not installed, gives a skipped row
+with the reason, never an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import measure, report, sources  # noqa: E402
+from benchmarks.tools import (  # noqa: E402
+    ORIGINAL,
+    Job,
+    Tool,
+    ToolRun,
+    ours,
+    peer,
+    registered_passes,
+    run_tool,
+)
+
+HERE = Path(__file__).resolve().parent
+
+# name -> configuration; ours(passes) = `python -m onnxslim_cnn in out --passes passes`,
+# peer(name, options) = benchmarks/peers.py. One line per configuration.
+TOOLS: dict[str, Tool] = {
+    "fp32": ORIGINAL,
+    "ours-lossless": ours(),  # the default preset
+    "ours-qdq": ours("fold-bn,qdq-int8"),
+    "ort-static-minmax": peer("ort-static", "--method", "minmax"),
+    "ort-static-percentile": peer("ort-static", "--method", "percentile"),
+    "ort-static-entropy": peer("ort-static", "--method", "entropy"),
+    "ort-dynamic": peer("ort-dynamic"),
+    "onnxslim": peer("onnxslim"),
+    "nncf": peer("nncf"),
+}
+LIGHT_DEFAULT = ("light_squeezenet", "light_shufflenet", "light_resnet50",
+                 "light_inception_v1", "light_densenet121")
+QUICK_MODELS = ("resnet8_cifar10_mlperf_tiny", "mnist8_cntk", "light_squeezenet")
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    tools: tuple[str, ...]
+    calib_count: int
+    val_count: int
+    timing: measure.Timing
+    timeout: float
+    quick: bool
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--models", help="comma-separated: shared model folders, light_<arch> "
+                   "names or .onnx paths (default: every shared model and a few light ones)")
+    p.add_argument("--tools", help=f"comma-separated, from: {', '.join(TOOLS)} (default all)")
+    p.add_argument("--quick", action="store_true", help="few models, few images, few runs")
+    p.add_argument("--calib-count", type=int, help="calibration images (default 100; quick 20)")
+    p.add_argument("--val-count", type=int, help="validation images (default 300; quick 50)")
+    p.add_argument("--latency-runs", type=int, help="timed rounds (default 30; quick 8)")
+    p.add_argument("--out", type=Path, default=HERE, help="output folder (default benchmarks/)")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Resolve defaults (quick or full) and check the names given."""
+    quick = args.quick
+    models = _split(args.models) or (QUICK_MODELS if quick else _default_models())
+    tools = _split(args.tools) or tuple(TOOLS)
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        raise SystemExit(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(TOOLS)}")
+    runs = args.latency_runs or (8 if quick else 30)
+    timing = measure.Timing(runs=runs, warmup=2 if quick else 5, startups=1 if quick else 3)
+    return Settings(models, tools, args.calib_count or (20 if quick else 100),
+                    args.val_count or (50 if quick else 300), timing,
+                    timeout=600 if quick else 3600, quick=quick)
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else ()
+
+
+def _default_models() -> tuple[str, ...]:
+    light = [n for n in LIGHT_DEFAULT if n in sources.light_names()]
+    return (*sources.shared_names(), *light)
+
+
+def bench_model(name: str, settings: Settings, registered: set[str], work: Path) -> dict:
+    """Every tool of ``settings`` on model ``name``: the model's results entry."""
+    source = sources.resolve(name)
+    data = sources.load(source, settings.calib_count, settings.val_count)
+    ref = measure.Reference.of(source.path, data)
+    work.mkdir(parents=True, exist_ok=True)
+    job = Job(source.path, source.opset, work,
+              sources.cli_data_args(source, settings.calib_count, settings.val_count),
+              sources.save_calibration(data, work / "calibration.npz"), settings.timeout)
+    rows = []
+    for tool in settings.tools:
+        print(f"[bench] {name}: {tool}", file=sys.stderr, flush=True)
+        rows.append(bench_tool(tool, run_tool(tool, TOOLS[tool], job, registered), ref,
+                               settings.timing))
+    top1 = next((r["top1_fp32"] for r in rows if r.get("top1_fp32") is not None), None)
+    return {"name": name, "kind": source.kind, "path": _shown(source.path), "opset": job.opset,
+            "data": _shown(source.data) if source.data else data.source,
+            "calib_count": data.calib_count, "val_count": data.val_count, "top1_fp32": top1,
+            "rows": rows}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repo when near it (no home folders in reports)."""
+    relative = os.path.relpath(path.resolve(), sources.ROOT)
+    return path.name if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+
+
+def bench_tool(tool: str, run: ToolRun, ref: measure.Reference, timing: measure.Timing) -> dict:
+    """The results row of one tool run: its measurements, or why there are none."""
+    row = {"tool": tool, "label": tool + run.label_suffix, "status": run.status,
+           "note": run.note, "notes": run.notes, "tool_s": run.seconds,
+           "tool_peak_mb": run.peak_mb}
+    if run.status != "ok":
+        return row
+    try:
+        row.update(measure.candidate(ref, run.path, timing))
+    except Exception as exc:  # onnxruntime failing on a tool's output is a result
+        row.update(status="failed", note=f"onnxruntime cannot run its output: "
+                   f"{' '.join(str(exc).split())[:300]}")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    settings = settings_from(args)
+    registered = registered_passes()
+    with tempfile.TemporaryDirectory(prefix="onnxslim-bench-") as tmp:
+        models = [bench_model(name, settings, registered, Path(tmp) / f"m{i}")
+                  for i, name in enumerate(settings.models)]
+    results = {"meta": _meta(argv, settings), "models": models}
+    written = report.write_all(results, args.out)
+    print(f"[bench] wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
+    return 0
+
+
+def _meta(argv: list[str], settings: Settings) -> dict:
+    return {"command": shlex.join(["python", "benchmarks/run.py", *argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "quick": settings.quick,
+            "timing": (f"{settings.timing.runs} timed rounds after {settings.timing.warmup} "
+                       f"warm-up, threads {settings.timing.threads}"),
+            "tools": {name: TOOLS[name].kind + " " + " ".join(TOOLS[name].args)
+                      for name in settings.tools},
+            "machine": report.machine(), "versions": report.versions()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Empirical bias correction of a quantized graph against the float model.
+
+Quantization shifts the mean of every layer's output: weight rounding, activation
+clipping and the errors of all upstream layers add up. For each quantized layer with
+a bias, with m_f[c] the mean of output channel c in the float model and m_q[c] in the
+quantized one over the calibration data (emulated in float: Q/DQ as written):
+    b'[c] = b[c] + (m_f[c] - m_q[c])
+Correcting one layer changes the inputs of the next, so layers are corrected one at a
+time in topological order, each measured with every upstream correction in place
+(updating all layers at once double-counts upstream shifts and diverges). A subset of
+the calibration data (``SAMPLES``) is enough for channel means.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ... import validate
+from .calibrate import TensorStats, with_outputs
+
+SAMPLES = 32
+
+
+def output_means(graph: gs.Graph, names: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
+    """Per-channel means of tensors ``names`` of ``graph`` over ``batches``."""
+    model = with_outputs(gs.export_onnx(graph, do_type_check=False), names)
+    runner = validate.Runner(model, optimization="disable")
+    try:
+        stats = {n: TensorStats() for n in names}
+        for batch in batches:
+            values = runner.run_batch(batch)
+            for name in names:
+                stats[name].update(values[name])
+        return {n: s.channel_mean for n, s in stats.items()}
+    finally:
+        runner.close()
+
+
+def reference_means(graph: gs.Graph, names: list[str], batches: list[dict]):
+    """Float-model channel means of ``names`` on the subset ``correct`` will use."""
+    return output_means(graph, names, subset(batches))
+
+
+def correct(graph: gs.Graph, biases: dict[str, "BiasHandle"], reference: dict[str, np.ndarray],
+            batches: list[dict], progress=lambda m: None) -> float:
+    """Correct the int32 biases in ``biases`` (layer output name -> handle, in topological
+    order) one layer at a time against ``reference_means`` of the same batches; returns
+    the mean |shift| removed."""
+    batches = subset(batches)
+    names = [n for n in biases if reference.get(n) is not None]
+    shifts = []
+    for i, name in enumerate(names):
+        mean = output_means(graph, [name], batches)[name]
+        delta = reference[name] - mean
+        biases[name].add(delta)
+        shifts.append(float(np.mean(np.abs(delta))))
+        progress(f"bias correction: layer {i + 1}/{len(names)}")
+    return float(np.mean(shifts)) if shifts else 0.0
+
+
+def subset(batches: list[dict], samples: int = SAMPLES) -> list[dict]:
+    out, total = [], 0
+    for batch in batches:
+        if total >= samples:
+            break
+        out.append(batch)
+        total += next(iter(batch.values())).shape[0]
+    return out
+
+
+class BiasHandle:
+    """The int32 bias input of one DequantizeLinear, replaceable by a corrected copy."""
+
+    def __init__(self, dq: gs.Node, scale: np.ndarray):
+        self.dq = dq
+        self.scale = scale.astype(np.float64)
+
+    def add(self, delta: np.ndarray) -> None:
+        old = self.dq.inputs[0]
+        value = np.asarray(old.values).astype(np.float64) * self.scale + delta
+        q = np.clip(np.round(value / self.scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+        self.dq.inputs[0] = gs.Constant(old.name, q)

@@ -1,0 +1,152 @@
+"""Materialise a quantization Plan: Q/DQ pairs, int8 weights, int32 biases.
+
+Before:  x -> Conv(W, b) -> y
+After:   x -> Q(s_x, z_x) -> DQ -> Conv(DQ(W_q, s_w), DQ(b_q, s_x*s_w)) -> y
+
+Math:
+    activations  x_q = clip(round(x / s_x) + z_x, 0, 255)            (uint8, per tensor)
+    weights      W_q[n] = clip(round(W[n] / s_w[n]), -q_n, q_n),  s_w[n] = max|W[n]| / q_n
+                 (int8 per output channel; q_n = 127, or less where ``saturation`` says)
+    bias         b_q[n] = round(b'[n] / (s_x s_w[n]))                 (int32, zero point 0)
+    bias correction: b'[n] = b[n] - sum_k (DQ(W_q) - W)[n, k] E[x_k], which cancels the
+    mean output shift the weight rounding causes (Nagel et al. 2019, analytic form).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..base import const_value, unique_name
+from . import saturation
+from .bias_correct import BiasHandle
+from .calibrate import TensorStats
+from .placement import BiasSite, Plan, WeightSite
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: np.float32
+    zero: np.generic
+
+
+@dataclass
+class WeightQuant:
+    q: np.ndarray
+    scale: np.ndarray
+    qmax: np.ndarray
+    dequant: np.ndarray
+
+
+def quantize_weight(w: np.ndarray, axis: int, qmax: np.ndarray) -> WeightQuant:
+    """Symmetric per-channel int8 quantization of ``w`` along ``axis``."""
+    moved = np.moveaxis(w.astype(np.float64), axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    absmax = np.abs(flat).max(axis=1)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    q = np.clip(np.round(flat / scale[:, None]), -qmax[:, None], qmax[:, None])
+    deq = (q * scale[:, None]).reshape(moved.shape)
+    return WeightQuant(
+        q=np.moveaxis(q.reshape(moved.shape), 0, axis).astype(np.int8),
+        scale=scale.astype(np.float32), qmax=qmax,
+        dequant=np.moveaxis(deq, 0, axis),
+    )
+
+
+class Materializer:
+    """Inserts the nodes of one Plan into one graph; names derive from source names."""
+
+    def __init__(self, graph: gs.Graph, taken: set[str]):
+        self.graph = graph
+        self.taken = taken
+        self.biases: dict[str, BiasHandle] = {}
+
+    def _const(self, base: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(unique_name(self.taken, base), np.asarray(value))
+
+    def _node(self, op: str, base: str, inputs: list, out_dtype, attrs=None) -> gs.Variable:
+        # Node and output share one name: names are repeated in the file, keep them short.
+        out = gs.Variable(unique_name(self.taken, base), dtype=out_dtype)
+        self.graph.nodes.append(gs.Node(op, out.name, attrs or {}, inputs, [out]))
+        return out
+
+    def activation(self, tensor: gs.Tensor, params: QParams,
+                   reads: list[tuple[gs.Node, int]]) -> None:
+        scale = self._const(f"{tensor.name}_s", np.array(params.scale, np.float32))
+        zero = self._const(f"{tensor.name}_z", np.array(params.zero))
+        q = self._node("QuantizeLinear", f"{tensor.name}_q", [tensor, scale, zero],
+                       np.array(params.zero).dtype)
+        dq = self._node("DequantizeLinear", f"{tensor.name}_dq", [q, scale, zero], np.float32)
+        for node, index in reads:
+            node.inputs[index] = dq
+
+    def weight(self, site: WeightSite, wq: WeightQuant) -> None:
+        source = site.node.inputs[site.index]
+        name = source.name
+        q = self._const(f"{name}_q", wq.q)
+        scale = self._const(f"{name}_s", wq.scale)
+        zero = self._const(f"{name}_z", np.zeros(wq.scale.shape, np.int8))
+        dq = self._node("DequantizeLinear", f"{name}_dq", [q, scale, zero], np.float32,
+                        {"axis": site.axis})
+        site.node.inputs[site.index] = dq
+
+    def bias(self, site: BiasSite, bias: np.ndarray, act: QParams, wq: WeightQuant) -> None:
+        name = site.node.inputs[site.index].name
+        scale = (np.float64(act.scale) * wq.scale.astype(np.float64)).astype(np.float32)
+        q = np.clip(np.round(bias / scale.astype(np.float64)), -(2**31) + 1, 2**31 - 1)
+        qc = self._const(f"{name}_q", q.astype(np.int32))
+        sc = self._const(f"{name}_s", scale)
+        # The int32 zero point is optional (0); onnxruntime fuses without it.
+        dq = self._node("DequantizeLinear", f"{name}_dq", [qc, sc], np.float32, {"axis": 0})
+        site.node.inputs[site.index] = dq
+        self.biases[site.node.outputs[0].name] = BiasHandle(self.graph.nodes[-1], scale)
+
+
+def kernel_kind(site: WeightSite) -> str:
+    if site.node.op == "Conv":
+        return "conv"
+    return "gemm_t" if site.axis == 0 else "gemm"
+
+
+def weight_qmax(site: WeightSite, w: np.ndarray, act: QParams | None, stats: TensorStats | None,
+                base_qmax: int, avoid_saturation: bool) -> np.ndarray:
+    """Per-channel q_n: ``base_qmax``, lowered where the int16 pair sums could saturate."""
+    channels = w.shape[site.axis]
+    if site.depthwise or not avoid_saturation or act is None or stats is None \
+            or stats.channel_max is None:
+        return np.full(channels, base_qmax, dtype=np.int64)
+    kind = kernel_kind(site)
+    levels = np.clip(np.round(stats.channel_max / float(act.scale)) + int(act.zero), 0, 255)
+    levels = np.maximum(levels, int(act.zero))
+    group = int(site.node.attrs.get("group", 1)) if kind == "conv" else 1
+    ak = saturation.activation_levels(w, kind, levels, group)
+    wk = saturation.reduction_matrix(w, kind)
+    return saturation.safe_qmax(wk, ak, base_qmax)
+
+
+def corrected_bias(site: BiasSite, bias: np.ndarray, wq: WeightQuant, w: np.ndarray,
+                   stats: TensorStats | None) -> np.ndarray:
+    """``bias`` minus the mean output shift the weight rounding causes."""
+    if stats is None or stats.channel_mean is None:
+        return bias
+    mean = stats.channel_mean
+    delta = wq.dequant - w.astype(np.float64)
+    if site.node.op == "Conv":
+        group = int(site.node.attrs.get("group", 1))
+        c_out, c_in_g = delta.shape[0], delta.shape[1]
+        if mean.shape[0] != c_in_g * group:
+            return bias
+        per_out = mean.reshape(group, c_in_g)[np.arange(c_out) // (c_out // group)]
+        taps = delta.reshape(c_out, c_in_g, -1).sum(axis=2)
+        return bias - np.sum(taps * per_out, axis=1)
+    matrix = delta.T if site.weight.axis == 1 else delta
+    if mean.shape[0] != matrix.shape[1]:
+        return bias
+    return bias - matrix @ mean
+
+
+def bias_value(site: BiasSite) -> np.ndarray | None:
+    value = const_value(site.node.inputs[site.index])
+    return None if value is None else value.astype(np.float64).reshape(-1)

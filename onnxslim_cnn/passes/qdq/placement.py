@@ -1,0 +1,216 @@
+"""Mark which tensors get QuantizeLinear/DequantizeLinear, before any is inserted.
+
+Per-op handlers only *mark*: activation inputs to quantize, constant weights with their
+channel axis, biases, and tensors whose quantization parameters must equal another's.
+``insert.py`` materialises every mark in one sweep.
+
+Placement follows what onnxruntime fuses into int8 kernels:
+    DQ(x) -> Conv(DQ(W), DQ(b_int32)) -> [Relu|Clip] -> Q   =>  QLinearConv
+    DQ(a), DQ(b) -> Add -> Q                              =>  QLinearAdd
+    DQ -> Gemm(DQ(W)) [-> Q]                               =>  QGemm (float output allowed)
+    DQ -> MaxPool/Flatten/Reshape/... -> Q, same scale     =>  runs on int8, Q/DQ dropped
+    DQ(x_i) -> Concat -> Q, one scale for all              =>  QLinearConcat / plain copy
+Relu/Clip between a Conv and its Q are left unmarked: onnxruntime removes them when the
+Q range starts at 0 (post-activation ranges always include 0).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..base import const_value
+
+# Ops whose output has exactly the values of (a subset of) their input: same params.
+SAME_PARAMS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze",
+               "Unsqueeze", "Slice", "Gather"}
+ELEMENTWISE = {"Add", "Mul"}
+POOLS = {"AveragePool", "GlobalAveragePool"}
+UNARY = {"Sigmoid", "HardSigmoid", "LeakyRelu", "HardSwish"}
+
+
+@dataclass
+class WeightSite:
+    node: gs.Node
+    index: int
+    axis: int
+    depthwise: bool = False
+
+
+@dataclass
+class BiasSite:
+    node: gs.Node
+    index: int
+    activation: str
+    weight: WeightSite
+
+
+@dataclass
+class Plan:
+    """Everything to quantize, by name.
+
+    Attributes:
+        reads: activation tensor name -> (node, input index) pairs that read its DQ.
+        weights / biases: constant inputs quantized per channel / to int32.
+        tie: tensor -> the tensor whose parameters it reuses (data-movement ops).
+        groups: sets of tensors sharing one range (Concat inputs and output).
+        layers: the compute nodes that run in int8.
+        movers: data-movement nodes (MaxPool, Flatten...) whose output reuses the
+            input's parameters.
+    """
+
+    reads: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)
+    weights: list[WeightSite] = field(default_factory=list)
+    biases: list[BiasSite] = field(default_factory=list)
+    tie: dict[str, str] = field(default_factory=dict)
+    groups: list[set[str]] = field(default_factory=list)
+    layers: list[gs.Node] = field(default_factory=list)
+    movers: list[gs.Node] = field(default_factory=list)
+    declined: Counter = field(default_factory=Counter)
+
+
+def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False) -> Plan:
+    """Mark the quantization of ``graph``; nodes named in ``skip`` stay float."""
+    plan = Plan()
+    tensors = graph.tensors()
+    for node in graph.nodes:
+        if node.name in skip:
+            plan.declined["kept in float (fallback)"] += 1
+            continue
+        handler = _HANDLERS.get(node.op)
+        if handler is None:
+            continue
+        if weights_only and node.op not in _WEIGHTED:
+            continue
+        reason = handler(node, plan, weights_only)
+        if reason:
+            plan.declined[reason] += 1
+    _prune_tails(plan)
+    _prune_ties(plan, tensors)
+    return plan
+
+
+def _read(plan: Plan, node: gs.Node, index: int) -> None:
+    plan.reads.setdefault(node.inputs[index].name, []).append((node, index))
+
+
+def _activation_ok(tensor: gs.Tensor) -> bool:
+    """A float32 activation (unknown dtype counts as float32: CNN activations are)."""
+    if isinstance(tensor, gs.Constant):
+        return False
+    try:
+        return tensor.dtype is None or np.dtype(tensor.dtype) == np.float32
+    except TypeError:
+        return False
+
+
+def _conv(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
+    weight = node.inputs[1]
+    w = const_value(weight)
+    if w is None:
+        return "Conv weight is not constant"
+    if not weights_only and not _activation_ok(node.inputs[0]):
+        return "Conv input is not float32"
+    group = int(node.attrs.get("group", 1))
+    site = WeightSite(node, 1, axis=0, depthwise=group > 1 and w.shape[1] == 1)
+    plan.weights.append(site)
+    if weights_only:
+        return None
+    _read(plan, node, 0)
+    if len(node.inputs) > 2 and const_value(node.inputs[2]) is not None:
+        plan.biases.append(BiasSite(node, 2, node.inputs[0].name, site))
+    plan.layers.append(node)
+    return None
+
+
+def _gemm(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
+    w = const_value(node.inputs[1])
+    if w is None or w.ndim != 2:
+        return f"{node.op} weight is not a constant matrix"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or
+                              float(node.attrs.get("alpha", 1.0)) != 1.0):
+        return "Gemm with transA or alpha != 1"
+    axis = 0 if node.op == "Gemm" and node.attrs.get("transB", 0) else 1
+    site = WeightSite(node, 1, axis=axis)
+    plan.weights.append(site)
+    if weights_only:
+        return None
+    _read(plan, node, 0)
+    if node.op == "Gemm" and len(node.inputs) > 2 and float(node.attrs.get("beta", 1.0)) == 1.0:
+        bias = const_value(node.inputs[2])
+        if bias is not None and bias.ndim == 1:
+            plan.biases.append(BiasSite(node, 2, node.inputs[0].name, site))
+    plan.layers.append(node)
+    return None
+
+
+def _elementwise(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
+    if any(isinstance(t, gs.Constant) for t in node.inputs):
+        return f"{node.op} with a constant operand"
+    for index in range(len(node.inputs)):
+        _read(plan, node, index)
+    plan.layers.append(node)
+    return None
+
+
+def _same_params(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
+    _read(plan, node, 0)
+    plan.movers.append(node)
+    plan.tie[node.outputs[0].name] = node.inputs[0].name
+    return None
+
+
+def _concat(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
+    if any(isinstance(t, gs.Constant) for t in node.inputs):
+        return "Concat with a constant operand"
+    for index in range(len(node.inputs)):
+        _read(plan, node, index)
+    plan.groups.append({t.name for t in node.inputs} | {node.outputs[0].name})
+    plan.layers.append(node)
+    return None
+
+
+def _single_input(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
+    _read(plan, node, 0)
+    plan.layers.append(node)
+    return None
+
+
+_HANDLERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _gemm, "Concat": _concat}
+_HANDLERS.update({op: _elementwise for op in ELEMENTWISE})
+_HANDLERS.update({op: _same_params for op in SAME_PARAMS})
+_HANDLERS.update({op: _single_input for op in POOLS | UNARY})
+_WEIGHTED = {"Conv", "Gemm", "MatMul"}
+
+
+def _prune_tails(plan: Plan) -> None:
+    """Unmark pooling/data-movement ops whose output no quantized op reads.
+
+    Such an op cannot run in int8 (onnxruntime needs a Q after it), so quantizing its
+    input only adds error; e.g. SqueezeNet's GlobalAveragePool -> Softmax keeps the
+    last conv's output in float. Repeats until nothing changes (GAP -> Flatten -> ...).
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in [n for n in plan.layers if n.op in POOLS | UNARY] + plan.movers:
+            if node.outputs[0].name in plan.reads:
+                continue
+            name = node.inputs[0].name
+            kept = [(n, i) for n, i in plan.reads.get(name, []) if n is not node]
+            if len(kept) != len(plan.reads.get(name, [])):
+                changed = True
+                if kept:
+                    plan.reads[name] = kept
+                else:
+                    plan.reads.pop(name, None)
+    plan.layers = [n for n in plan.layers if any(
+        n is r for reads in plan.reads.values() for r, _ in reads) or n.op in _WEIGHTED]
+
+
+def _prune_ties(plan: Plan, tensors: dict[str, gs.Tensor]) -> None:
+    """A tie only matters when the tied output is itself quantized."""
+    plan.tie = {out: src for out, src in plan.tie.items() if out in plan.reads}

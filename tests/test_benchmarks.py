@@ -1,0 +1,134 @@
+"""The benchmark harness (benchmarks/run.py) must keep working: run its quick mode on one
+tiny model and check that every tool of the table gets a plausible row.
+
+The end-to-end run takes ~15 s on 2 cores (ResNet-8, 10 calibration / 20 validation
+images, 5 latency rounds). Peers that are not installed give skipped rows, not failures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import peers
+from benchmarks.run import TOOLS
+from benchmarks.tools import Job, ours, peer, run_tool
+from tests.helpers import ROOT, SHARED_MODELS
+
+STATUSES = {"ok", "skipped", "failed"}
+
+
+def _tiny_model() -> tuple[str, bool]:
+    """(model argument, has labels): shared ResNet-8, else the repo's example block."""
+    if (SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx").is_file():
+        return "resnet8_cifar10_mlperf_tiny", True
+    example = ROOT / "models" / "examples" / "resnet_block.onnx"
+    if example.is_file():
+        return str(example), False
+    pytest.skip("neither ../shared/models nor models/examples/resnet_block.onnx is present")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    model, labelled = _tiny_model()
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "benchmarks/run.py", "--quick", "--models", model,
+           "--calib-count", "10", "--val-count", "20", "--latency-runs", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    return out, results, labelled
+
+
+def _rows(results: dict) -> dict[str, dict]:
+    (model,) = results["models"]
+    return {row["tool"]: row for row in model["rows"]}
+
+
+def test_quick_run_every_tool_has_a_row(quick_run):
+    _, results, _ = quick_run
+    rows = _rows(results)
+    assert list(rows) == list(TOOLS)
+    assert {row["status"] for row in rows.values()} <= STATUSES
+    for row in rows.values():
+        assert row["status"] == "ok" or row["note"], f"{row['tool']} gives no reason"
+
+
+def test_quick_run_fp32_row_is_the_identity(quick_run):
+    _, results, labelled = quick_run
+    fp32 = _rows(results)["fp32"]
+    assert fp32["status"] == "ok"
+    assert fp32["size_ratio"] == 1.0 and fp32["gzip_ratio"] == 1.0
+    assert fp32["max_abs"] == 0.0 and fp32["top1_agreement"] == 1.0
+    assert fp32["delta_top1"] == (0.0 if labelled else None)
+    assert fp32["int8_convs"] == 0 and fp32["float_convs"] > 0
+    for threads in ("1", "2"):
+        # fp32 against itself: only noise, so within a factor of 5 even on a busy machine
+        timing = fp32["latency"][threads]
+        assert timing["ms"] > 0 and timing["fp32_ms"] > 0
+        assert 0.2 < timing["ratio"] < 5, timing
+
+
+def test_quick_run_measured_rows_are_plausible(quick_run):
+    _, results, _ = quick_run
+    for row in _rows(results).values():
+        if row["status"] != "ok":
+            continue
+        assert 0 < row["size_ratio"] <= 1.01, row["tool"]  # no tool here grows the model
+        assert -1.0 <= row["cosine"] <= 1.0 + 1e-9
+        assert 0.0 <= row["top1_agreement"] <= 1.0
+        assert all(v["ms"] > 0 and v["ratio"] > 0 for v in row["latency"].values())
+        assert row["startup_ms"] > 0
+        if row["tool"] != "fp32":
+            assert row["tool_s"] > 0 and row["tool_peak_mb"] > 10
+
+
+def test_quick_run_lossless_tools_keep_outputs(quick_run):
+    _, results, _ = quick_run
+    rows = _rows(results)
+    lossless = rows["ours-lossless"]
+    assert lossless["status"] == "ok"
+    assert lossless["top1_agreement"] == 1.0 and lossless["cosine"] > 0.99999
+    assert lossless["int8_convs"] == 0
+
+
+def test_quick_run_static_quantizer_runs_int8_convs(quick_run):
+    _, results, _ = quick_run
+    row = _rows(results)["ort-static-minmax"]
+    assert row["status"] == "ok", row["note"]
+    assert row["int8_convs"] > 0 and row["size_ratio"] < 0.5
+
+
+def test_quick_run_markdown_lists_every_tool(quick_run):
+    out, results, labelled = quick_run
+    text = (out / "RESULTS.md").read_text()
+    assert results["meta"]["command"] in text
+    assert "VNNI" in text and "onnxruntime " in text
+    for row in _rows(results).values():
+        shown = f"| {row['label']} |" if row["status"] == "ok" else f"- **{row['label']}**"
+        assert shown in text, row["label"]
+    name = results["models"][0]["name"]
+    assert (out / "plots" / f"{name}.png").is_file() == labelled
+
+
+def _job(tmp_path) -> Job:
+    return Job(tmp_path / "in.onnx", 13, tmp_path, (), None, timeout=10)
+
+
+def test_run_tool_unregistered_pass_skipped(tmp_path):
+    run = run_tool("ours-future", ours("fold-bn,no-such-pass"), _job(tmp_path), {"fold-bn"})
+    assert run.status == "skipped" and "no-such-pass not registered" in run.note
+
+
+def test_run_tool_missing_peer_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(peers.REQUIRES, "onnxslim", "no_such_module_for_the_benchmark")
+    run = run_tool("onnxslim", peer("onnxslim"), _job(tmp_path), set())
+    assert run.status == "skipped" and "not installed" in run.note
+
+
+def test_peer_unknown_name_declines():
+    with pytest.raises(ValueError, match="unknown peer"):
+        peer("no-such-peer")
