@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import statistics
 import tempfile
 import time
@@ -61,11 +62,12 @@ def session(path: Path, threads: int = 1, optimized: Path | None = None) -> ort.
 
 
 def sizes(path: Path, ref: Path) -> dict:
-    """File and gzip -9 sizes of ``path`` and their ratios to ``ref``'s."""
+    """File and gzip -9 sizes of ``path``, their ratios to ``ref``'s, and its sha256."""
     raw, ref_raw = path.read_bytes(), ref.read_bytes()
     packed, ref_packed = len(gzip.compress(raw, 9)), len(gzip.compress(ref_raw, 9))
     return {"size_bytes": len(raw), "size_ratio": len(raw) / len(ref_raw),
-            "gzip_bytes": packed, "gzip_ratio": packed / ref_packed}
+            "gzip_bytes": packed, "gzip_ratio": packed / ref_packed,
+            "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def outputs(sess: ort.InferenceSession, batches: list[dict]) -> list[np.ndarray]:

@@ -136,7 +136,7 @@ def _model_section(model: dict, plot: Path | None, out: Path) -> list[str]:
         if row["status"] == "ok":
             lines.append("| " + " | ".join(fmt(row) for _, fmt in COLUMNS) + " |")
     notes = [_note(row) for row in model["rows"] if row["status"] != "ok" or row["notes"]]
-    notes += _best_static(model["rows"])
+    notes += _identical(model["rows"]) + _best_static(model["rows"])
     lines += [""] + notes if notes else []
     if plot is not None:
         lines += ["", f"![{model['name']}: size vs Δtop-1]({plot.relative_to(out)})"]
@@ -152,6 +152,20 @@ def _data_line(model: dict) -> str:
     else:
         text += " No labels: size, output error and latency only."
     return text
+
+
+def _identical(rows: list[dict]) -> list[str]:
+    """Rows whose output file is byte-identical to an earlier row's."""
+    first: dict[str, str] = {}
+    lines = []
+    for row in rows:
+        digest = row.get("sha256")
+        if digest in first:
+            lines.append(f"- **{row['label']}** wrote a file byte-identical to "
+                         f"**{first[digest]}**'s")
+        elif digest:
+            first[digest] = row["label"]
+    return lines
 
 
 def _best_static(rows: list[dict]) -> list[str]:
@@ -183,9 +197,13 @@ def plot(model: dict, out: Path) -> Path | None:
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for x, y, label in points:
+    for x, y, _ in points:
         ax.scatter(x, y, s=28)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    middle = (min(p[0] for p in points) + max(p[0] for p in points)) / 2
+    for (x, y), labels in _clusters(points):
+        right = x > middle  # labels on the right half go left of their point
+        ax.annotate("\n".join(labels), (x, y), textcoords="offset points", fontsize=7,
+                    xytext=(-4 if right else 4, 4), ha="right" if right else "left")
     ax.axhline(0, color="grey", linewidth=0.6)
     ax.set(xlabel="model size / fp32 size", ylabel="Δtop-1 vs fp32 (points)",
            title=f"{model['name']} ({model['val_count']} validation images)")
@@ -196,6 +214,22 @@ def plot(model: dict, out: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _clusters(points: list[tuple[float, float, str]]) -> list[tuple[tuple[float, float], list]]:
+    """Labels of points that would print on top of each other, grouped under one anchor
+    (closer than 4 % of the plotted range on both axes)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    tol_x, tol_y = 0.04 * (max(xs) - min(xs) or 1), 0.04 * (max(ys) - min(ys) or 1)
+    groups: list[tuple[tuple[float, float], list]] = []
+    for x, y, label in points:
+        near = next((g for g in groups if abs(g[0][0] - x) <= tol_x
+                     and abs(g[0][1] - y) <= tol_y), None)
+        if near is None:
+            groups.append(((x, y), [label]))
+        else:
+            near[1].append(label)
+    return groups
 
 
 def write_all(results: dict, out: Path) -> dict[str, Path]:

@@ -1,9 +1,9 @@
 """Run one tool configuration on one model, as a child process, and record how it went.
 
 Every tool is a child process (``python -m onnxslim_cnn ...`` for ours,
-``python -m benchmarks.peers ...`` for the peers), so the harness measures each the same
-way: wall time around the process, and its peak resident memory from the ``ru_maxrss``
-that ``os.wait4`` returns for that child alone.
+``python -m benchmarks.peers ...`` for the peers), started by ``benchmarks.launch`` so
+the harness measures each the same way: wall time around the process, and its own peak
+resident memory (``ru_maxrss`` from ``os.wait4``).
 
 Skips and failures are results too: a pass that is not registered yet, a peer that is
 not installed, a peer that fails. A peer that fails on a model older than opset
@@ -15,13 +15,11 @@ failure is kept in its note.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,7 +173,8 @@ def _attempt(cmd: list[str], job: Job, name: str) -> ToolRun:
     if code == peers.EXIT_MISSING:
         return ToolRun("skipped", note=_last_line(stderr), notes=notes)
     if code != 0 or not out_path.is_file():
-        return ToolRun("failed", note=f"exit {code}: {_last_line(stderr)}", seconds=seconds,
+        why = f"killed after {job.timeout:.0f} s" if code == -9 else f"exit {code}"
+        return ToolRun("failed", note=f"{why}: {_last_line(stderr)}", seconds=seconds,
                        peak_mb=peak_mb, notes=notes)
     return ToolRun("ok", out_path, seconds=seconds, peak_mb=peak_mb, notes=notes)
 
@@ -186,22 +185,17 @@ def _last_line(text: str) -> str:
 
 
 def run_measured(cmd: list[str], timeout: float) -> tuple[int, str, float, float]:
-    """Run ``cmd`` from the repo root; (exit code, stderr, wall seconds, peak RSS MB).
+    """Run ``cmd`` from the repo root through ``benchmarks.launch``.
 
-    A child still running after ``timeout`` seconds is killed (exit code -9).
+    Returns (exit code, stderr, wall seconds, peak RSS MB); a child still running after
+    ``timeout`` seconds is killed (exit code -9).
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                               os.environ.get("PYTHONPATH")])))
-    with tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        return proc.returncode, err.read(), seconds, usage.ru_maxrss / 1024.0
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    launcher = [sys.executable, "-m", "benchmarks.launch", str(timeout), *cmd]
+    proc = subprocess.run(launcher, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
+                          capture_output=True, text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return proc.returncode or 1, proc.stderr, 0.0, 0.0
+    stats = json.loads(lines[-1])
+    return stats["code"], proc.stderr, stats["seconds"], stats["peak_mb"]

@@ -18,7 +18,18 @@ from .errors import (  # noqa: E402
     UsageError,
     ValidationError,
 )
-from .manager import PRESETS, compress  # noqa: E402
+
+
+def __getattr__(name: str):
+    # ``compress`` and ``PRESETS`` pull in onnxruntime and every pass; import them on
+    # first use so that ``python -m onnxslim_cnn`` can turn a broken environment or a
+    # Ctrl-C during start-up into one line instead of a traceback.
+    if name in ("compress", "PRESETS"):
+        from . import manager
+
+        return getattr(manager, name)
+    raise AttributeError(f"module 'onnxslim_cnn' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS", "Budget", "Config", "DataConfig", "DataError", "InvalidModelError",

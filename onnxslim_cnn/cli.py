@@ -41,6 +41,7 @@ def _parser(presets: dict[str, tuple[str, ...]], default_preset: str) -> argpars
     _pipeline_options(p.add_argument_group("pipeline"), presets, default_preset)
     _data_options(p.add_argument_group("data"))
     _validation_options(p.add_argument_group("validation"))
+    _pass_options(p.add_argument_group("pass options (read by the passes that use them)"))
     o = p.add_argument_group("output")
     o.add_argument("--report", type=Path, help="write the report as JSON here")
     o.add_argument("--quiet", action="store_true", help="no progress and no table")
@@ -115,6 +116,41 @@ def _check_numbers(args) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be 0 or more")
 
 
+def _pass_options(g) -> None:
+    g.add_argument("--calib-method", choices=("minmax", "percentile", "entropy", "mse"),
+                   help="qdq-int8: activation range method (default mse)")
+    g.add_argument("--percentile", type=float, help="qdq-int8: percentile of the "
+                   "percentile method (default 99.99)")
+    g.add_argument("--activation-type", choices=("uint8", "int8"),
+                   help="qdq-int8: activation type (default uint8)")
+    g.add_argument("--reduce-range", choices=("auto", "on", "off"), help="qdq-int8: "
+                   "7-bit weights only in channels that could saturate AVX2 int16 sums "
+                   "(auto, default), everywhere (on) or nowhere (off)")
+    g.add_argument("--bias-correction", choices=("empirical", "analytic", "off"),
+                   help="qdq-int8: bias correction (default empirical)")
+    g.add_argument("--fp32-layers", help="qdq-int8: comma-separated node (or output) "
+                   "names kept in float")
+    g.add_argument("--fallback-sqnr", type=float, dest="fallback_sqnr_db",
+                   help="qdq-int8: keep layers whose output SQNR is below this (dB) in "
+                   "float, at most 10%% of them (default 15; 0 disables)")
+    g.add_argument("--weights-only", choices=("int8", "int4"), help="qdq-int8: store "
+                   "weights as per-channel integers only; activations stay float, no "
+                   "calibration data needed")
+
+
+PASS_OPTIONS = ("calib_method", "percentile", "activation_type", "reduce_range",
+                "bias_correction", "fallback_sqnr_db", "weights_only")
+
+
+def _options(args) -> dict:
+    """The pass options given on the command line (absent ones keep pass defaults)."""
+    options = {k: getattr(args, k) for k in PASS_OPTIONS if getattr(args, k) is not None}
+    if args.fp32_layers:
+        options["fp32_layers"] = tuple(n.strip() for n in args.fp32_layers.split(",")
+                                       if n.strip())
+    return options
+
+
 def _config(args, pipeline: tuple[str, ...]) -> Config:
     _check_numbers(args)
     tolerance = None
@@ -122,7 +158,7 @@ def _config(args, pipeline: tuple[str, ...]) -> Config:
         tolerance = Tolerance(rtol=args.rtol if args.rtol is not None else Tolerance.rtol,
                               atol=args.atol if args.atol is not None else Tolerance.atol)
     return Config(
-        passes=pipeline,
+        passes=pipeline, options=_options(args),
         data=DataConfig(path=args.data, preproc=args.preproc, calib_count=args.calib_count,
                         val_count=args.val_count, seed=args.seed),
         budget=Budget(max_top1_drop=args.max_top1_drop, min_cosine=args.min_cosine,

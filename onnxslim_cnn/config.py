@@ -72,7 +72,8 @@ class Config:
     """A whole compression run.
 
     Attributes:
-        passes: pass names in the order they run (validated, never re-sorted).
+        passes: pass names in the order they run (validated, never re-sorted); None
+            runs the default preset, an empty tuple runs none (load, check, write).
         options: flat pass options (``sparsity``, ``bits`` ...); each pass reads the
             fields of its own ``Options`` dataclass from here.
         validate: compare against onnxruntime after each pass (off only when the
@@ -80,7 +81,7 @@ class Config:
         force: write the result even when the final validation fails.
     """
 
-    passes: tuple[str, ...] = ()
+    passes: tuple[str, ...] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     budget: Budget = field(default_factory=Budget)

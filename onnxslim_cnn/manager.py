@@ -42,6 +42,9 @@ from .report import PassRecord, Report
 PRESETS: dict[str, tuple[str, ...]] = {
     "lossless": ("remove-identity", "fold-constants", "fold-bn", "dedup-initializers",
                  "remove-dead"),
+    # Static int8 for onnxruntime's int8 kernels; names compacted (deployment file).
+    "int8": ("remove-identity", "fold-constants", "fold-bn", "dedup-initializers",
+             "equalize", "qdq-int8", "remove-dead", "compact-names"),
 }
 DEFAULT_PRESET = "lossless"
 
@@ -53,7 +56,7 @@ def build_pipeline(config: Config) -> list[Pass]:
         UsageError: unknown pass name, a pass listed twice, or a pass placed before
             one it must follow.
     """
-    names = config.passes or PRESETS[DEFAULT_PRESET]
+    names = PRESETS[DEFAULT_PRESET] if config.passes is None else tuple(config.passes)
     if len(set(names)) != len(names):
         raise UsageError(f"a pass is listed twice in {', '.join(names)}")
     classes = [passes.get_pass(name) for name in names]
@@ -74,6 +77,9 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """ModelProto of ``graph`` carrying ``template``'s metadata; no value_info kept."""
+    from . import storage  # storage imports passes.base; import late to avoid a cycle
+
+    storage.protect_int4(graph)  # graphsurgeon cannot export unpacked int4 arrays
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]
     model.ir_version = max(template.ir_version, 4,
@@ -274,6 +280,8 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
             os.path.samefile(input_path, output_path):
         raise UsageError(f"{output_path}: output is the input file; the input is never "
                          "overwritten, choose another path")
+    if output_path.is_dir():
+        raise OutputError(f"{output_path}: is a folder; give the output file's path")
     folder = output_path.parent if str(output_path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{output_path}: output folder {folder} does not exist")

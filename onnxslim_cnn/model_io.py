@@ -43,14 +43,23 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph or no nodes)")
-    check(model, what=str(path))
+    check(model, what=str(path), path=path)
     return model
 
 
-def check(model: onnx.ModelProto, what: str = "model") -> None:
-    """Run ``onnx.checker`` (through a temporary file above the protobuf limit)."""
+def check(model: onnx.ModelProto, what: str = "model", path: Path | None = None) -> None:
+    """Run ``onnx.checker`` on ``model``.
+
+    Above the protobuf limit the checker needs a file: ``path`` when the model was just
+    loaded from it (saves writing gigabytes again), else a temporary copy.
+
+    Raises:
+        InvalidModelError: the model fails the checker.
+    """
     try:
-        if needs_external_data(model):
+        if needs_external_data(model) and path is not None:
+            onnx.checker.check_model(str(path))
+        elif needs_external_data(model):
             with temp_model_path(model) as tmp:
                 onnx.checker.check_model(str(tmp))
         else:

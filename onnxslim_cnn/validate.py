@@ -33,6 +33,10 @@ from .errors import UnsupportedModelError, ValidationError
 
 SQNR_CAP = 200.0
 Batch = Mapping[str, np.ndarray]
+# onnxruntime's process-wide logger prints optimizer warnings ("UnsqueezeElimination
+# cannot remove node") to stderr for sessions made here and by onnx-graphsurgeon's
+# constant folding; failures reach the user as our exceptions, so only fatal logs stay.
+ort.set_default_logger_severity(4)
 
 
 class Runner:

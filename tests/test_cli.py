@@ -255,9 +255,6 @@ def test_cli_optional_module_import_error_is_one_line(tmp_path, model_file):
     assert not (tmp_path / "slim.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="onnxslim_cnn/__init__.py imports the manager (and "
-                   "so onnxruntime) eagerly, before cli.main can catch anything; fix: lazy "
-                   "imports in __init__.py (PEP 562 __getattr__) and a guarded __main__.py")
 def test_cli_missing_core_dependency_is_one_line(tmp_path, model_file):
     code = ("import runpy, sys; sys.modules['onnxruntime'] = None; "
             "sys.argv = ['onnxslim_cnn', 'in.onnx', 'slim.onnx']; "
@@ -369,3 +366,27 @@ def test_cli_internal_error_exits_3_and_debug_raises(tmp_path, model_file, monke
     with pytest.raises(ZeroDivisionError):
         cli.main([*args, "--debug"])
     assert not (tmp_path / "slim.onnx").exists()
+
+
+# --- the JSON report ------------------------------------------------------------------
+
+def test_report_json_plain_types_and_atomic(tmp_path):
+    from collections import Counter
+
+    from onnxslim_cnn.errors import OutputError
+    from onnxslim_cnn.report import PassRecord, Report
+
+    record = PassRecord(name="p", status="applied", stats={"folded": np.int64(3),
+                        "ratio": np.float32(0.5)}, declined=Counter({"shared weight": 2}),
+                        metrics={"sqnr_db": float("inf"), "per_layer": np.array([1.0, 2.0])})
+    report = Report(input="in.onnx", output=tmp_path / "out.onnx", passes=[record])
+    report.write_json(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passes"][0]["stats"] == {"folded": 3, "ratio": 0.5}
+    assert data["passes"][0]["declined"] == {"shared weight": 2}
+    assert data["passes"][0]["metrics"] == {"sqnr_db": None, "per_layer": [1.0, 2.0]}
+    assert data["output"] == str(tmp_path / "out.onnx") and data["ratio"] == 0.0
+    assert os.listdir(tmp_path) == ["r.json"]  # no temp file left
+    assert "folded: 3" in report.table() and "declined x2: shared weight" in report.table()
+    with pytest.raises(OutputError, match="cannot write the report"):
+        report.write_json(tmp_path / "missing" / "r.json")

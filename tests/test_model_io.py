@@ -311,7 +311,8 @@ def _read_floats(path, offset: int, indices) -> list[float]:
 
 
 @pytest.mark.skipif(os.environ.get("ONNXSLIM_CNN_BIG_TESTS") != "1",
-                    reason="opt-in: set ONNXSLIM_CNN_BIG_TESTS=1 (writes ~4.3 GB, ~1 min)")
+                    reason="opt-in: set ONNXSLIM_CNN_BIG_TESTS=1 "
+                    "(writes ~4.3 GB, ~6.5 GB RAM, ~1.5 min)")
 def test_save_real_model_over_2gib_round_trips(tmp_path):
     if shutil.disk_usage(tmp_path).free < 6 * 2**30:
         pytest.skip("needs 6 GB of free disk")

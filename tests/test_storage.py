@@ -255,6 +255,14 @@ def _sparse(graph, const):
     return storage.encode_sparse(graph, const.name, weight), weight
 
 
+def _sparse_codebook(graph, const):
+    indices, codebook = cluster(4, 4)
+    keep = np.random.default_rng(5).random(SHAPE) < 0.3
+    weight = np.where(keep, codebook[indices], 0).astype(np.float32)
+    encoder = storage.codebook_values(codebook, 4)
+    return storage.encode_sparse(graph, const.name, weight, values_encoder=encoder), weight
+
+
 def _int(bits, decode):
     def encode(graph, const):
         q, scale = storage.quantize_symmetric(const.values, bits, 0)
@@ -265,7 +273,8 @@ def _int(bits, decode):
 
 # name -> (encoder, opset): int4 needs opset 21 (IR 10)
 FOLDED = {"codebook4": (_codebook, 13), "codebook3-per-channel": (_codebook_per_channel, 14),
-          "sparse": (_sparse, 13), "int8-float": (_int(8, "float"), 13),
+          "sparse": (_sparse, 13), "sparse+codebook4": (_sparse_codebook, 13),
+          "int8-float": (_int(8, "float"), 13),
           "int4-float": (_int(4, "float"), 21)}
 KEPT = {"int8-dq": (_int(8, "dq"), 13), "int4-dq": (_int(4, "dq"), 21)}
 
@@ -450,3 +459,12 @@ def test_file_size_256x256x3x3_codebook4_is_an_eighth():
     int8 = storage.encode_int(gs.Graph(opset=13), gs.Constant("w", dense), 8)
     assert int4.stored_bytes == dense.size // 2 + 256 * 4 + 256 // 2
     assert int8.stored_bytes == dense.size + 256 * 4 + 256
+    # 10% nonzero: 1-bit mask + values (fp32, or 4-bit codebook indices)
+    sparse = np.where(rng.random(shape) < 0.1, dense, 0).astype(np.float32)
+    nnz = np.count_nonzero(sparse)
+    raw = storage.encode_sparse(gs.Graph(opset=13), "w", sparse)
+    coded = storage.encode_sparse(gs.Graph(opset=13), "w", sparse,
+                                  values_encoder=storage.codebook_values(codebook, 4))
+    assert dense.size / 8 + 4 * nnz <= raw.stored_bytes < dense.size / 8 + 4 * nnz + 100
+    coded_payload = dense.size / 8 + math.ceil(nnz / 2) + 64
+    assert coded_payload <= coded.stored_bytes < coded_payload + 200

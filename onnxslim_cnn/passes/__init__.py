@@ -1,7 +1,9 @@
 """Rewrite passes. Importing this package registers every pass in ``REGISTRY``."""
 
 from . import (  # noqa: F401  (registration side effects)
+    compact_names,
     dedup_initializers,
+    equalize,
     fold_bn,
     fold_constants,
     qdq,

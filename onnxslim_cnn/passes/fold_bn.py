@@ -146,10 +146,22 @@ def _bias(layer: gs.Node, index: int, channels: int) -> np.ndarray | str:
 _FOLDERS = {"Conv": _fold_conv, "Gemm": _fold_gemm, "MatMul": _fold_matmul}
 
 
+def _take_over(old: gs.Tensor | None, fallback: str, taken: set[str]) -> str:
+    """Name for the folded replacement of ``old``: ``old``'s own name when only this layer
+    reads it (the stale constant is renamed; cleanup drops it), else a fresh name. Names
+    are repeated in the file, so not growing them keeps small models small."""
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        name = old.name
+        old.name = unique_name(taken, f"{name}_prefold")
+        return name
+    return unique_name(taken, fallback)
+
+
 def _install(layer: gs.Node, bn: gs.Node, folded, taken: set[str]) -> None:
     new_w, new_b, attrs = folded
-    w_name = unique_name(taken, f"{layer.inputs[1].name}_bnfold")
-    b_name = unique_name(taken, f"{layer.name or layer.inputs[1].name}_bias_bnfold")
+    w_name = _take_over(layer.inputs[1], f"{layer.inputs[1].name}_bnfold", taken)
+    old_bias = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
+    b_name = _take_over(old_bias, f"{layer.name or layer.outputs[0].name}_bias", taken)
     weight, bias = gs.Constant(w_name, new_w), gs.Constant(b_name, new_b)
     if attrs.pop("to_gemm", False):
         layer.op = "Gemm"

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ... import storage
 from ...errors import PreconditionError
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
-from . import bias_correct, calibrate, insert
+from . import bias_correct, calibrate, insert, sensitivity
 from .placement import Plan, plan_graph
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -44,6 +45,14 @@ class QdqOptions:
         share_concat_scales: one range for all inputs and the output of a Concat (the
             concat becomes a plain int8 copy); off lets each input keep its own range.
         fp32_layers: node names kept in float.
+        fallback_sqnr_db: compute layers whose output SQNR (quantized vs float, on the
+            calibration data) falls below this stay in float (0 disables) ...
+        fallback_max_fraction: ... at most this fraction of them, worst first.
+        weights_only: ``int8`` or ``int4``: only the Conv/Gemm/MatMul weights are
+            stored as per-channel integers (no calibration data needed); activations
+            stay float. Decoded with Cast+Mul, which onnxruntime folds at load, so the
+            file shrinks and speed is unchanged (a lone DequantizeLinear is never folded
+            by onnxruntime and would cost ~30 % latency).
     """
 
     calib_method: str = "mse"
@@ -53,6 +62,9 @@ class QdqOptions:
     bias_correction: str = "empirical"
     share_concat_scales: bool = True
     fp32_layers: tuple[str, ...] = ()
+    fallback_sqnr_db: float = 15.0
+    fallback_max_fraction: float = 0.1
+    weights_only: str | None = None
 
 
 @register
@@ -64,7 +76,17 @@ class QdqInt8(Pass):
     after = ("fold-bn", "remove-identity", "fold-constants")
     Options = QdqOptions
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.weights_only == "int4":
+            self.min_opset = 21  # INT4 tensors
+
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if self.options.weights_only not in (None, "int8", "int4"):
+            raise PreconditionError(f"--weights-only takes int8 or int4, not "
+                                    f"'{self.options.weights_only}'")
+        if self.options.weights_only:
+            return
         if self.options.calib_method not in METHODS:
             raise PreconditionError(f"unknown calibration method '{self.options.calib_method}'"
                                     f" (known: {', '.join(METHODS)})")
@@ -72,7 +94,26 @@ class QdqInt8(Pass):
             raise PreconditionError("qdq-int8 needs calibration data")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        plan = plan_graph(graph, set(self.options.fp32_layers))
+        if self.options.weights_only:
+            return self._weights_only(graph)
+        float_model = gs.export_onnx(graph, do_type_check=False)
+        skip = set(self.options.fp32_layers)
+        if self.options.fallback_sqnr_db > 0:
+            trial = gs.import_onnx(float_model)
+            trial_result = self._quantize(trial, ctx, skip)
+            sqnr = self._sqnr(float_model, trial, trial_result, ctx)
+            limit = int(self.options.fallback_max_fraction * len(sqnr))
+            fallback = sensitivity.choose_fallback(sqnr, self.options.fallback_sqnr_db, limit)
+            if not fallback:
+                return self._adopt(graph, trial, trial_result)
+            skip |= set(fallback)
+        result = self._quantize(graph, ctx, skip)
+        if self.options.fallback_sqnr_db > 0:
+            self._sqnr(float_model, graph, result, ctx)
+        return result
+
+    def _quantize(self, graph: gs.Graph, ctx: PassContext, skip: set[str]) -> PassResult:
+        plan = plan_graph(graph, skip)
         result = PassResult(changed=bool(plan.reads or plan.weights), declined=plan.declined)
         if not result.changed:
             return result
@@ -86,7 +127,67 @@ class QdqInt8(Pass):
             shift = bias_correct.correct(graph, mat.biases, reference, ctx.calib, ctx.progress)
             result.stats["bias_shift_left"] = round(shift, 6)
         result.stats.update(quantized_layers=len(plan.layers), activations=len(plan.reads),
-                            weights=len(plan.weights))
+                            weights=len(plan.weights), kept_float=len(plan.kept))
+        taken = taken_names(graph)
+        for node in plan.kept:
+            name = node.name or node.outputs[0].name
+            asked = {node.name, node.outputs[0].name} & set(self.options.fp32_layers)
+            record = {"layer": name, "op": node.op, "kept_float": True,
+                      "why": "listed in fp32_layers" if asked else
+                      f"output SQNR < {self.options.fallback_sqnr_db} dB"}
+            if not asked:  # computes in float, but its weight is still stored as int8
+                record["weight_storage"] = self._store_int8(graph, node, taken)
+            result.layers.append(record)
+        return result
+
+    @staticmethod
+    def _store_int8(graph: gs.Graph, node: gs.Node, taken: set[str]) -> str:
+        """Per-channel int8 weight decoded by Cast+Mul (folded at load): float compute,
+        int8 file bytes."""
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op not in ("Conv", "Gemm", "MatMul") or not isinstance(weight, gs.Constant) \
+                or len(weight.outputs) != 1 or weight.values.ndim < 2:
+            return "float"
+        axis = 1 if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get(
+            "transB", 0)) else 0
+        encoded = storage.encode_int(graph, weight, 8, axis, taken, decode="float")
+        storage.replace_with(graph, weight, encoded)
+        return "int8 (Cast+Mul, folded at load)"
+
+    def _sqnr(self, float_model, graph, result: PassResult, ctx) -> dict[str, float]:
+        """Per-layer output SQNR, also written into the layer records of ``result``."""
+        records = {r["output"]: r for r in result.layers if "output" in r}
+        quant = gs.export_onnx(graph, do_type_check=False)
+        sqnr = sensitivity.layer_sqnr(float_model, quant, sorted(records),
+                                      bias_correct.subset(ctx.calib))
+        for name, value in sqnr.items():
+            records[name]["sqnr_db"] = round(value, 2)
+        return sqnr
+
+    def _weights_only(self, graph: gs.Graph) -> PassResult:
+        bits = 4 if self.options.weights_only == "int4" else 8
+        plan = plan_graph(graph, set(self.options.fp32_layers), weights_only=True)
+        result = PassResult(changed=False, declined=plan.declined)
+        taken = taken_names(graph)
+        for site in plan.weights:
+            const = site.node.inputs[site.index]
+            if not isinstance(const, gs.Constant) or len(const.outputs) != 1:
+                result.declined["weight is shared or already encoded"] += 1
+                continue
+            encoded = storage.encode_int(graph, const, bits, site.axis, taken, decode="float")
+            storage.replace_with(graph, const, encoded)
+            result.changed = True
+            result.layers.append({"layer": site.node.name or site.node.outputs[0].name,
+                                  "op": site.node.op, "weight_bits": bits, "bytes_before": encoded.dense_bytes,
+                                  "bytes_after": encoded.stored_bytes})
+        result.stats["weights"] = len(result.layers)
+        return result
+
+    @staticmethod
+    def _adopt(graph: gs.Graph, trial: gs.Graph, result: PassResult) -> PassResult:
+        """Make ``graph`` the trial graph (the pass contract mutates the given graph)."""
+        graph.nodes, graph.inputs, graph.outputs = trial.nodes, trial.inputs, trial.outputs
+        graph.opset = trial.opset
         return result
 
     def _calibrate(self, graph: gs.Graph, plan: Plan, ctx: PassContext):
@@ -143,6 +244,8 @@ class QdqInt8(Pass):
 
 def _layer_record(site, wq: insert.WeightQuant) -> dict:
     reduced = int(np.sum(wq.qmax < 127))
-    return {"layer": site.node.name, "op": site.node.op, "weight_bits": 8,
+    output = site.node.outputs[0].name
+    return {"layer": site.node.name or output, "op": site.node.op, "output": output,
+            "weight_bits": 8,
             "channels": int(wq.qmax.size), "channels_reduced_range": reduced,
             "min_qmax": int(wq.qmax.min())}

@@ -24,7 +24,7 @@ SAMPLES = 32
 
 def output_means(graph: gs.Graph, names: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
     """Per-channel means of tensors ``names`` of ``graph`` over ``batches``."""
-    model = with_outputs(gs.export_onnx(graph, do_type_check=False), names)
+    model = with_outputs(gs.export_onnx(graph, do_type_check=False), names, only=True)
     runner = validate.Runner(model, optimization="disable")
     try:
         stats = {n: TensorStats() for n in names}

@@ -58,6 +58,7 @@ class Plan:
         tie: tensor -> the tensor whose parameters it reuses (data-movement ops).
         groups: sets of tensors sharing one range (Concat inputs and output).
         layers: the compute nodes that run in int8.
+        kept: nodes left in float because they were asked to be (``skip``).
         movers: data-movement nodes (MaxPool, Flatten...) whose output reuses the
             input's parameters.
     """
@@ -69,16 +70,18 @@ class Plan:
     groups: list[set[str]] = field(default_factory=list)
     layers: list[gs.Node] = field(default_factory=list)
     movers: list[gs.Node] = field(default_factory=list)
+    kept: list[gs.Node] = field(default_factory=list)
     declined: Counter = field(default_factory=Counter)
 
 
 def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False) -> Plan:
-    """Mark the quantization of ``graph``; nodes named in ``skip`` stay float."""
+    """Mark the quantization of ``graph``; nodes named in ``skip`` (by node name or by
+    first output name, which unnamed nodes also have) stay float."""
     plan = Plan()
     tensors = graph.tensors()
     for node in graph.nodes:
-        if node.name in skip:
-            plan.declined["kept in float (fallback)"] += 1
+        if (node.name and node.name in skip) or (node.outputs and node.outputs[0].name in skip):
+            plan.kept.append(node)
             continue
         handler = _HANDLERS.get(node.op)
         if handler is None:

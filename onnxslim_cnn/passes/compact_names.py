@@ -1,0 +1,72 @@
+"""Rename internal tensors to short names and drop node names (lossless, opt-in).
+
+Why: every tensor name is stored once per use (producer, each consumer, initializer).
+On small models (a 79K-parameter ResNet-8 quantized to int8) names are ~8 % of the file.
+
+Before:  Conv(conv2d_1.weight_dq, ...) -> batch_normalization_1
+After:   Conv(a3, ...) -> a4
+Graph inputs and outputs keep their names, so the model's interface is unchanged. New
+names are base-36 counters in node order, so the result is deterministic.
+
+Declines when: the graph has subgraphs (If/Loop bodies may capture outer names).
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from .base import Pass, PassContext, PassResult, register
+
+DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def short_name(index: int) -> str:
+    """'a0', 'a1', ... 'az', 'a10', ...: a letter first keeps names valid identifiers."""
+    digits = ""
+    while True:
+        index, rest = divmod(index, len(DIGITS))
+        digits = DIGITS[rest] + digits
+        if index == 0:
+            return "a" + digits
+
+
+@register
+class CompactNames(Pass):
+    name = "compact-names"
+    summary = "short internal tensor names, no node names; I/O names kept (lossless, opt-in)"
+    lossless = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if any(isinstance(v, gs.Graph) for n in graph.nodes for v in _attr_values(n)):
+            return PassResult(changed=False, declined={"model has subgraphs": 1})
+        keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+        saved, index = 0, 0
+        for tensor in _in_node_order(graph):
+            if tensor.name in keep or not tensor.name:
+                continue
+            new = short_name(index)
+            while new in keep:
+                index += 1
+                new = short_name(index)
+            index += 1
+            saved += len(tensor.name) - len(new)
+            tensor.name = new
+        for node in graph.nodes:
+            saved += len(node.name or "")
+            node.name = ""
+        return PassResult(changed=saved > 0, stats={"name_bytes_saved": saved})
+
+
+def _attr_values(node: gs.Node):
+    for value in node.attrs.values():
+        yield from value if isinstance(value, list) else [value]
+
+
+def _in_node_order(graph: gs.Graph) -> list[gs.Tensor]:
+    seen: dict[int, gs.Tensor] = {}
+    for node in graph.nodes:
+        for tensor in list(node.inputs) + list(node.outputs):
+            seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+

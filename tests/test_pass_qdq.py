@@ -1,0 +1,292 @@
+"""qdq-int8: placement, onnxruntime int8 fusion, saturation safety, ranges, real models."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+
+from onnxslim_cnn import Budget, Config, DataConfig, compress
+from onnxslim_cnn.passes.base import PassContext
+from onnxslim_cnn.passes.qdq import QdqInt8, calibrate
+
+from .helpers import SHARED_MODELS, apply_pass, make_model, rand, run
+
+# x -> Conv -> Relu -> MaxPool -> Conv -> Relu -> GAP -> Flatten -> Gemm -> y
+CNN = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 16, 16] x) => (float[N, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)
+    c2 = Conv <pads = [1, 1, 1, 1]> (p1, w2, b2)
+    r2 = Relu (c2)
+    g2 = GlobalAveragePool (r2)
+    f2 = Flatten (g2)
+    y = Gemm <transB = 1> (f2, w3, b3)
+}
+"""
+
+
+def cnn_weights(seed=0):
+    return {"w1": rand((8, 3, 3, 3), seed, 0.3), "b1": rand((8,), seed + 1, 0.1),
+            "w2": rand((16, 8, 3, 3), seed + 2, 0.2), "b2": rand((16,), seed + 3, 0.1),
+            "w3": rand((10, 16), seed + 4, 0.3), "b3": rand((10,), seed + 5, 0.1)}
+
+
+def calib(model_shape=(4, 3, 16, 16), batches=4, seed=100):
+    return [{"x": rand(model_shape, seed + i)} for i in range(batches)]
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> Counter:
+    """Op types in onnxruntime's optimized graph (all optimisations, as deployed)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_qdq_cnn_fuses_into_int8_kernels_and_matches(tmp_path):
+    model = make_model(CNN, cnn_weights())
+    out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib()))
+    assert result.changed and result.stats["weights"] == 3
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["Conv"] == 0 and ops.get("FusedConv", 0) == 0
+    assert ops["QGemm"] == 1
+    feed = {"x": rand((8, 3, 16, 16), 999)}  # not calibration data
+    ref, got = run(model, feed)["y"], run(out, feed, optimization="all")["y"]
+    assert cosine(ref, got) > 0.999  # stated tolerance for int8 vs fp32 logits
+
+
+def test_qdq_maxpool_output_shares_input_params():
+    model = make_model(CNN, cnn_weights())
+    out, _ = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib()))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    q_nodes = {n.input[0]: n for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    before, after = q_nodes["r1"], q_nodes["p1"]
+    assert inits[before.input[1]] == inits[after.input[1]]
+    assert inits[before.input[2]] == inits[after.input[2]]
+
+
+def test_qdq_residual_add_and_concat_fuse(tmp_path):
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 16, 8, 8] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, wa, ba)
+        r = Relu (a)
+        b = Conv (r, wb, bb)
+        s = Add (b, x)
+        c1 = Conv (s, wc, bc)
+        c2 = Conv <pads = [1, 1, 1, 1]> (s, wd, bd)
+        r1 = Relu (c1)
+        r2 = Relu (c2)
+        k = Concat <axis = 1> (r1, r2)
+        y = Conv (k, we, be)
+    }
+    """
+    weights = {"wa": rand((4, 4, 3, 3), 1, 0.3), "ba": rand((4,), 2, 0.1),
+               "wb": rand((4, 4, 1, 1), 3, 0.3), "bb": rand((4,), 4, 0.1),
+               "wc": rand((8, 4, 1, 1), 5, 0.3), "bc": rand((8,), 6, 0.1),
+               "wd": rand((8, 4, 3, 3), 7, 0.3), "bd": rand((8,), 8, 0.1),
+               "we": rand((16, 16, 1, 1), 9, 0.3), "be": rand((16,), 10, 0.1)}
+    model = make_model(text, weights)
+    out, _ = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib((4, 4, 8, 8))))
+    ops = optimized_ops(out, tmp_path)
+    # The last Conv writes the graph output in float (no Q after it): 4 of 5 fuse.
+    assert ops["QLinearConv"] == 4 and ops["QLinearAdd"] == 1
+    assert ops["QLinearConcat"] + ops.get("Concat", 0) == 1
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    scales = {n.input[0]: float(inits[n.input[1]]) for n in out.graph.node
+              if n.op_type == "QuantizeLinear"}
+    assert scales["r1"] == scales["r2"]  # Concat inputs share one range
+    feed = {"x": rand((4, 4, 8, 8), 777)}
+    assert cosine(run(model, feed)["y"], run(out, feed, optimization="all")["y"]) > 0.999
+
+
+# A 1x1 conv whose 8-bit weights make pairs of uint8 x int8 products overflow int16 on
+# AVX2: input channels near their maximum, same-sign weights near the range limit. The
+# Add after it gives the conv a quantized consumer, so onnxruntime runs QLinearConv.
+SATURATING = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 8, 4, 4] x) => (float[N, 4, 4, 4] y) {
+    c = Conv (x, w, b)
+    y = Add (c, c)
+}
+"""
+
+
+def _saturating_model():
+    w = np.full((4, 8, 1, 1), 0.9, np.float32)
+    w[:, ::2] = 1.0
+    return make_model(SATURATING, {"w": w, "b": np.zeros(4, np.float32)})
+
+
+def _saturating_calib():
+    rng = np.random.default_rng(5)
+    return [{"x": rng.uniform(0.0, 1.0, (4, 8, 4, 4)).astype(np.float32)} for _ in range(2)]
+
+
+@pytest.mark.parametrize("reduce_range", ["auto", "on"])
+def test_qdq_saturation_safe_ranges_match_emulation(reduce_range):
+    model = _saturating_model()
+    out, _ = apply_pass(QdqInt8, model, {"reduce_range": reduce_range, "calib_method": "minmax"},
+                        PassContext(calib=_saturating_calib()))
+    feed = {"x": np.full((1, 8, 4, 4), 0.7, np.float32)}  # uint8 level ~178 everywhere
+    kernel = run(out, feed, optimization="all")["y"]
+    emulated = run(out, feed, optimization="disable")["y"]
+    np.testing.assert_allclose(kernel, emulated, rtol=0, atol=0.05)
+    np.testing.assert_allclose(kernel, run(model, feed)["y"], rtol=0.02)
+
+
+def test_qdq_full_range_weights_saturate_in_the_kernel():
+    """The trap the auto mode avoids: with 8-bit weights everywhere the int8 kernel
+    computes something else than the QDQ graph says."""
+    out, _ = apply_pass(QdqInt8, _saturating_model(), {"reduce_range": "off", "calib_method": "minmax"},
+                        PassContext(calib=_saturating_calib()))
+    feed = {"x": np.full((1, 8, 4, 4), 0.7, np.float32)}
+    kernel = run(out, feed, optimization="all")["y"]
+    emulated = run(out, feed, optimization="disable")["y"]
+    assert np.max(np.abs(kernel - emulated)) > 1.0
+
+
+def test_qdq_tail_pool_feeding_softmax_stays_float():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 3, 8, 8] x) => (float[N, 6, 1, 1] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        r = Relu (c)
+        p = GlobalAveragePool (r)
+        y = Softmax <axis = 1> (p)
+    }
+    """
+    model = make_model(text, {"w": rand((6, 3, 3, 3), 1, 0.3), "b": rand((6,), 2, 0.1)})
+    out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib((4, 3, 8, 8))))
+    quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x"}
+    assert result.stats["activations"] == 1
+
+
+def test_qdq_fp32_layers_declines_named_layer():
+    model = make_model(CNN, cnn_weights())
+    conv2 = model.graph.node[3]
+    conv2.name = "conv2"
+    out, result = apply_pass(QdqInt8, model, {"fp32_layers": ("conv2",)},
+                             PassContext(calib=calib()))
+    assert result.stats["kept_float"] == 1
+    assert {"layer": "conv2", "op": "Conv", "kept_float": True,
+            "why": "listed in fp32_layers"} in result.layers
+    node = next(n for n in out.graph.node if n.name == "conv2")
+    assert node.input[1] == "w2"  # the float weight, not a DequantizeLinear output
+
+
+def test_qdq_check_declines_without_calibration_data():
+    from onnxslim_cnn.errors import PreconditionError
+    from onnxslim_cnn.manager import import_graph
+
+    with pytest.raises(PreconditionError, match="calibration"):
+        QdqInt8().check(import_graph(make_model(CNN, cnn_weights())), PassContext())
+
+
+def test_qdq_old_opset_model_is_upgraded(tmp_path):
+    text = """
+    <ir_version: 3, opset_import: ["" : 7]>
+    g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        y = Relu (c)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    for name, value in {"w": rand((4, 3, 3, 3), 1, 0.3), "b": rand((4,), 2, 0.1)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+        # IR 3: initializers are also graph inputs
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, 1, value.shape))
+    onnx.checker.check_model(model)
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    report = compress(src, dst, Config(passes=("qdq-int8",), budget=Budget(min_cosine=0.99)))
+    assert report.passes[0].status == "applied"
+    result = onnx.load(dst)
+    assert next(o.version for o in result.opset_import if o.domain == "") >= 13
+    assert Counter(n.op_type for n in result.graph.node)["DequantizeLinear"] >= 3
+
+
+def test_qdq_ranges_methods_on_known_distribution():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200_000).astype(np.float32)
+    x[:3] = [40.0, -35.0, 30.0]  # outliers a good method clips
+    stats = calibrate.TensorStats()
+    stats.update(x.reshape(1, -1))
+    stats.add_histogram(x)
+    lo, hi = calibrate.choose_range(stats, "minmax")
+    assert (lo, hi) == (float(x.min()), float(x.max()))
+    for method in ("percentile", "entropy", "mse"):
+        lo_m, hi_m = calibrate.choose_range(stats, method, 99.99)
+        assert lo_m <= 0 <= hi_m
+        assert 3.0 < hi_m < 30.0, method  # clips the outliers, keeps the bulk (|x| < ~4.5)
+    edges = np.linspace(x.min(), x.max(), calibrate.BINS + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    mse = calibrate.choose_range(stats, "mse")
+    assert calibrate.quant_error(stats.hist, centers, *mse) < \
+        calibrate.quant_error(stats.hist, centers, lo, hi)
+
+
+def test_qdq_bias_correction_reduces_output_bias():
+    model = make_model(CNN, cnn_weights(3))
+    data = calib(batches=8, seed=300)
+    feed = {"x": rand((32, 3, 16, 16), 4242)}
+    ref = run(model, feed)["y"]
+    errors = {}
+    for mode in ("off", "empirical"):
+        out, _ = apply_pass(QdqInt8, model, {"bias_correction": mode, "calib_method": "minmax"},
+                            PassContext(calib=data))
+        errors[mode] = float(np.abs((run(out, feed, optimization="all")["y"] - ref).mean(0)).mean())
+    assert errors["empirical"] < errors["off"]
+
+
+def test_qdq_resnet8_real_images_agree():
+    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
+    images = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
+    if not path.is_file() or not images.is_dir():
+        pytest.skip("../shared/models not available")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = compress(path, Path(tmp) / "q.onnx", Config(
+            passes=("fold-bn", "qdq-int8"),
+            data=DataConfig(path=images, calib_count=64, val_count=400),
+            budget=Budget(max_top1_drop=2.0, min_cosine=0.99)))
+    qdq = report.passes[-1]
+    assert qdq.status == "applied"
+    assert qdq.metrics["top1_agreement"] >= 0.95  # measured 0.978 on 2000 images
+    assert report.ratio > 3.3
+
+
+
+
+@pytest.mark.parametrize(("bits", "atol"), [("int8", 0.05), ("int4", 0.6)])
+def test_qdq_weights_only_stores_integers_and_folds(tmp_path, bits, atol):
+    from onnxslim_cnn import model_io
+
+    model = make_model(CNN, cnn_weights())
+    qdq = QdqInt8({"weights_only": bits})
+    model = model_io.upgrade_opset(model, qdq.min_opset)  # as the manager does: 21 for int4
+    out, result = apply_pass(QdqInt8, model, {"weights_only": bits}, PassContext())
+    assert result.stats["weights"] == 3
+    types = {onnx.TensorProto.DataType.Name(i.data_type) for i in out.graph.initializer}
+    assert {"INT8"} <= types if bits == "int8" else {"INT4"} <= types
+    assert "FLOAT" in types and all(
+        i.data_type != onnx.TensorProto.FLOAT or i.dims != [16, 8, 3, 3]
+        for i in out.graph.initializer)
+    feed = {"x": rand((2, 3, 16, 16), 5)}
+    np.testing.assert_allclose(run(out, feed)["y"], run(model, feed)["y"], atol=atol)
+    ops = optimized_ops(out, tmp_path)  # the decode folds at load: plain float convs
+    assert ops.get("Cast", 0) == 0 and ops.get("Mul", 0) == 0
