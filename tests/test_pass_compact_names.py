@@ -7,7 +7,8 @@ from .helpers import apply_pass, assert_same_outputs, make_model, rand
 TEXT = """
 <ir_version: 8, opset_import: ["" : 13]>
 g (float[N, 3, 8, 8] input_image) => (float[N, 4, 8, 8] scores) {
-    a_very_long_intermediate_name = Conv <pads = [1, 1, 1, 1]> (input_image, conv_weight_long_name, conv_bias_long_name)
+    a_very_long_intermediate_name = Conv <pads = [1, 1, 1, 1]> (
+        input_image, conv_weight_long_name, conv_bias_long_name)
     scores = Relu (a_very_long_intermediate_name)
 }
 """

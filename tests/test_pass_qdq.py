@@ -150,7 +150,8 @@ def test_qdq_saturation_safe_ranges_match_emulation(reduce_range):
 def test_qdq_full_range_weights_saturate_in_the_kernel():
     """The trap the auto mode avoids: with 8-bit weights everywhere the int8 kernel
     computes something else than the QDQ graph says."""
-    out, _ = apply_pass(QdqInt8, _saturating_model(), {"reduce_range": "off", "calib_method": "minmax"},
+    options = {"reduce_range": "off", "calib_method": "minmax"}
+    out, _ = apply_pass(QdqInt8, _saturating_model(), options,
                         PassContext(calib=_saturating_calib()))
     feed = {"x": np.full((1, 8, 4, 4), 0.7, np.float32)}
     kernel = run(out, feed, optimization="all")["y"]

@@ -26,7 +26,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import (
-    Pass, PassContext, PassResult, const_value, register, taken_names, unique_name,
+    Pass,
+    PassContext,
+    PassResult,
+    const_value,
+    register,
+    taken_names,
+    unique_name,
 )
 from .qdq.calibrate import collect
 

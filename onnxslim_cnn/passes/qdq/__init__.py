@@ -177,9 +177,10 @@ class QdqInt8(Pass):
             encoded = storage.encode_int(graph, const, bits, site.axis, taken, decode="float")
             storage.replace_with(graph, const, encoded)
             result.changed = True
-            result.layers.append({"layer": site.node.name or site.node.outputs[0].name,
-                                  "op": site.node.op, "weight_bits": bits, "bytes_before": encoded.dense_bytes,
-                                  "bytes_after": encoded.stored_bytes})
+            result.layers.append({
+                "layer": site.node.name or site.node.outputs[0].name, "op": site.node.op,
+                "weight_bits": bits, "bytes_before": encoded.dense_bytes,
+                "bytes_after": encoded.stored_bytes})
         result.stats["weights"] = len(result.layers)
         return result
 

@@ -42,7 +42,7 @@ def reference_means(graph: gs.Graph, names: list[str], batches: list[dict]):
     return output_means(graph, names, subset(batches))
 
 
-def correct(graph: gs.Graph, biases: dict[str, "BiasHandle"], reference: dict[str, np.ndarray],
+def correct(graph: gs.Graph, biases: dict[str, BiasHandle], reference: dict[str, np.ndarray],
             batches: list[dict], progress=lambda m: None) -> float:
     """Correct the int32 biases in ``biases`` (layer output name -> handle, in topological
     order) one layer at a time against ``reference_means`` of the same batches; returns

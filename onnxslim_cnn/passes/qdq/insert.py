@@ -23,7 +23,7 @@ from ..base import const_value, unique_name
 from . import saturation
 from .bias_correct import BiasHandle
 from .calibrate import TensorStats
-from .placement import BiasSite, Plan, WeightSite
+from .placement import BiasSite, WeightSite
 
 
 @dataclass(frozen=True)
