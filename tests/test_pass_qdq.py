@@ -291,3 +291,28 @@ def test_qdq_weights_only_stores_integers_and_folds(tmp_path, bits, atol):
     np.testing.assert_allclose(run(out, feed)["y"], run(model, feed)["y"], atol=atol)
     ops = optimized_ops(out, tmp_path)  # the decode folds at load: plain float convs
     assert ops.get("Cast", 0) == 0 and ops.get("Mul", 0) == 0
+
+
+def test_qdq_gptq_identity_hessian_equals_nearest_rounding():
+    from onnxslim_cnn.passes.qdq import gptq
+
+    w = rand((6, 20), 1).astype(np.float64)
+    qmax = np.full(6, 127)
+    scale = np.abs(w).max(axis=1) / 127
+    q = gptq.gptq_round(w, np.eye(20) * 3.0, scale, qmax)
+    np.testing.assert_array_equal(q, np.clip(np.round(w / scale[:, None]), -127, 127))
+
+
+def test_qdq_gptq_lowers_output_error_on_correlated_inputs():
+    from onnxslim_cnn.passes.qdq import gptq
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 4)) @ rng.standard_normal((4, 32))  # rank-4 inputs
+    x += 0.05 * rng.standard_normal(x.shape)
+    w = rng.standard_normal((16, 32))
+    qmax = np.full(16, 7)  # a coarse grid makes the difference visible
+    scale = np.abs(w).max(axis=1) / 7
+    near = np.clip(np.round(w / scale[:, None]), -7, 7) * scale[:, None]
+    opt = gptq.gptq_round(w, x.T @ x, scale, qmax) * scale[:, None]
+    err = lambda wq: np.linalg.norm((w - wq) @ x.T)  # noqa: E731
+    assert err(opt) < 0.7 * err(near)

@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration side effects)
     equalize,
     fold_bn,
     fold_constants,
+    prune,
     qdq,
     remove_dead,
     remove_identity,

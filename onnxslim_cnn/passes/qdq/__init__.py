@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from ... import storage
 from ...errors import PreconditionError
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
-from . import bias_correct, calibrate, insert, sensitivity
+from . import bias_correct, calibrate, gptq, insert, sensitivity
 from .placement import Plan, plan_graph
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -48,6 +48,9 @@ class QdqOptions:
         fallback_sqnr_db: compute layers whose output SQNR (quantized vs float, on the
             calibration data) falls below this stay in float (0 disables) ...
         fallback_max_fraction: ... at most this fraction of them, worst first.
+        weight_rounding: ``gptq`` rounds plain Conv/Gemm weights to minimise the layer's
+            output error on the calibration inputs (gptq.py); ``nearest`` rounds each
+            weight to its nearest grid point.
         weights_only: ``int8`` or ``int4``: only the Conv/Gemm/MatMul weights are
             stored as per-channel integers (no calibration data needed); activations
             stay float. Decoded with Cast+Mul, which onnxruntime folds at load, so the
@@ -65,6 +68,7 @@ class QdqOptions:
     fallback_sqnr_db: float = 15.0
     fallback_max_fraction: float = 0.1
     weights_only: str | None = None
+    weight_rounding: str = "gptq"
 
 
 @register
@@ -122,7 +126,12 @@ class QdqInt8(Pass):
         if self.options.bias_correction == "empirical":
             outputs = [s.node.outputs[0].name for s in plan.biases]
             reference = bias_correct.reference_means(graph, outputs, ctx.calib)
-        mat = self._materialize(graph, plan, stats, params, result)
+        hess = {}
+        if self.options.weight_rounding == "gptq":
+            sites = [s for s in plan.weights if gptq.supported(s)]
+            hess = gptq.hessians(gs.export_onnx(graph, do_type_check=False), sites,
+                                 ctx.calib, ctx.seed)
+        mat = self._materialize(graph, plan, stats, params, result, hess)
         if self.options.bias_correction == "empirical":
             shift = bias_correct.correct(graph, mat.biases, reference, ctx.calib, ctx.progress)
             result.stats["bias_shift_left"] = round(shift, 6)
@@ -212,8 +221,8 @@ class QdqInt8(Pass):
             calibrate.int8_params
         return {n: insert.QParams(*make(*r)) for n, r in ranges.items()}
 
-    def _materialize(self, graph, plan: Plan, stats, params,
-                     result: PassResult) -> insert.Materializer:
+    def _materialize(self, graph, plan: Plan, stats, params, result: PassResult,
+                     hess: dict) -> insert.Materializer:
         mat = insert.Materializer(graph, taken_names(graph))
         dense = {id(s.node): const_value(s.node.inputs[s.index]) for s in plan.weights}
         act_of = {id(s.node): s.node.inputs[0].name for s in plan.weights}
@@ -222,7 +231,7 @@ class QdqInt8(Pass):
         for site in plan.weights:
             act = act_of[id(site.node)]
             wq = self._quantize_weight(site, dense[id(site.node)], params.get(act),
-                                       stats.get(act))
+                                       stats.get(act), hess.get(id(site.node)))
             mat.weight(site, wq)
             quants[id(site.node)] = wq
             result.layers.append(_layer_record(site, wq))
@@ -236,11 +245,22 @@ class QdqInt8(Pass):
             mat.activation(tensors[name], params[name], reads)
         return mat
 
-    def _quantize_weight(self, site, w, act, stats) -> insert.WeightQuant:
+    def _quantize_weight(self, site, w, act, stats, hess) -> insert.WeightQuant:
         base = 63 if self.options.reduce_range == "on" else 127
         avoid = self.options.reduce_range == "auto" and self.options.activation_type == "uint8"
         qmax = insert.weight_qmax(site, w, act, stats, base, avoid)
-        return insert.quantize_weight(w, site.axis, qmax)
+        nearest = insert.quantize_weight(w, site.axis, qmax)
+        if hess is None:
+            return nearest
+        rows = np.moveaxis(w, site.axis, 0).reshape(w.shape[site.axis], -1)
+        q = gptq.gptq_round(rows, hess, nearest.scale.astype(np.float64), qmax)
+        wq = insert.weight_quant_from(w, site.axis, q, nearest.scale, qmax)
+        if avoid:  # GPTQ moves weights: keep nearest rounding where pairs could saturate
+            bad = insert.saturating_rows(site, wq, act, stats)
+            if bad.any():
+                q[bad] = np.moveaxis(nearest.q, site.axis, 0).reshape(q.shape)[bad]
+                wq = insert.weight_quant_from(w, site.axis, q, nearest.scale, qmax)
+        return wq
 
 
 def _layer_record(site, wq: insert.WeightQuant) -> dict:

@@ -55,6 +55,31 @@ def quantize_weight(w: np.ndarray, axis: int, qmax: np.ndarray) -> WeightQuant:
     )
 
 
+def weight_quant_from(w: np.ndarray, axis: int, q_rows: np.ndarray, scale: np.ndarray,
+                      qmax: np.ndarray) -> WeightQuant:
+    """WeightQuant of integer rows ``q_rows`` [C, rest] (channel axis first) for ``w``."""
+    moved_shape = np.moveaxis(w, axis, 0).shape
+    q = q_rows.reshape(moved_shape)
+    deq = q * scale.astype(np.float64).reshape(-1, *([1] * (q.ndim - 1)))
+    return WeightQuant(q=np.moveaxis(q, 0, axis).astype(np.int8),
+                       scale=scale.astype(np.float32), qmax=qmax,
+                       dequant=np.moveaxis(deq, 0, axis))
+
+
+def saturating_rows(site: WeightSite, wq: WeightQuant, act: QParams | None,
+                    stats: TensorStats | None) -> np.ndarray:
+    """Output channels whose integer weights could saturate the AVX2 pair sums."""
+    if site.depthwise or act is None or stats is None or stats.channel_max is None:
+        return np.zeros(wq.scale.shape[0], dtype=bool)
+    kind = kernel_kind(site)
+    levels = np.clip(np.round(stats.channel_max / float(act.scale)) + int(act.zero), 0, 255)
+    levels = np.maximum(levels, int(act.zero))
+    group = int(site.node.attrs.get("group", 1)) if kind == "conv" else 1
+    ak = saturation.activation_levels(wq.q, kind, levels, group)
+    wk = saturation.reduction_matrix(wq.q.astype(np.float64), kind)
+    return saturation.pair_bound(wk, ak) > saturation.INT16_MAX
+
+
 class Materializer:
     """Inserts the nodes of one Plan into one graph; names derive from source names."""
 

@@ -56,7 +56,7 @@ def safe_qmax(wk: np.ndarray, ak: np.ndarray, qmax: int = 127) -> np.ndarray:
     open_ = np.ones(wk.shape[0], dtype=bool)
     for q in range(qmax, MIN_QMAX, -1):
         wq = np.round(wk[open_] / absmax[open_, None] * q)
-        ok = _pair_bound(wq, ak[open_]) <= INT16_MAX
+        ok = pair_bound(wq, ak[open_]) <= INT16_MAX
         idx = np.flatnonzero(open_)[ok]
         chosen[idx] = q
         open_[idx] = False
@@ -65,7 +65,8 @@ def safe_qmax(wk: np.ndarray, ak: np.ndarray, qmax: int = 127) -> np.ndarray:
     return chosen
 
 
-def _pair_bound(wq: np.ndarray, ak: np.ndarray) -> np.ndarray:
+def pair_bound(wq: np.ndarray, ak: np.ndarray) -> np.ndarray:
+    """Per output channel, the largest same-sign pair sum the kernel can meet."""
     if wq.shape[1] % 2:
         wq = np.pad(wq, ((0, 0), (0, 1)))
         ak = np.pad(ak, ((0, 0), (0, 1)))

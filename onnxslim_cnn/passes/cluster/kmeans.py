@@ -1,0 +1,179 @@
+"""Fast exact 1-D k-means (Lloyd's algorithm on sorted values), many rows at once.
+
+Why: weight sharing replaces every weight by one of k centroids; in one dimension the
+clusters of an optimal (or Lloyd-stable) solution are contiguous runs of the sorted
+values, so a whole Lloyd iteration needs no distance matrix:
+
+    boundaries   b_j = first sorted index with v >= (c_{j-1} + c_j) / 2   (searchsorted)
+    means        c_j = (S[b_{j+1}] - S[b_j]) / (N[b_{j+1}] - N[b_j])
+    with prefix sums S[i] = sum_{t<i} w_t v_t and N[i] = sum_{t<i} w_t (weights w_t).
+
+Sorting once costs O(n log n); every iteration O(k log n). Iterations stop when no
+boundary moves (an exact fixed point: each value is nearest its centroid and each
+centroid is its cluster's mean). An empty cluster keeps its centroid.
+
+Rows (one per output channel, or one for the whole tensor) run together: row r's
+values are mapped into [r, r + 1) by a monotone affine map, so one searchsorted on the
+flattened keys serves every row. Values of weight 0 are ignored by the means (used to
+keep pruned zeros out of the clustering: they get an exact 0 centroid of their own).
+
+Initialisations (seeded, deterministic): ``linear`` (evenly spaced over [min, max],
+Deep Compression's best), ``density`` (weighted quantiles (j + 1/2) / k), ``kmeans++``
+(D^2 sampling). ``optimal_1d`` is the exact optimum by dynamic programming, O(k n^2),
+a reference for small arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import UsageError
+
+INITS = ("linear", "density", "kmeans++")
+
+
+def kmeans_rows(values: np.ndarray, k: int, weights: np.ndarray | None = None,
+                init: str = "linear", seed: int = 0, max_iter: int = 100) -> np.ndarray:
+    """Lloyd's k-means of each row of ``values`` [R, n]; returns centroids [R, k], sorted.
+
+    Args:
+        weights: [R, n] non-negative weights (default 1); weight-0 values are ignored.
+        init: one of INITS.
+
+    Raises:
+        UsageError: unknown init or k < 1.
+    """
+    if init not in INITS or k < 1:
+        raise UsageError(f"k-means needs k >= 1 and init in {INITS}, got {k}, {init!r}")
+    values = np.asarray(values, np.float64)
+    weights = np.ones_like(values) if weights is None else np.asarray(weights, np.float64)
+    order = np.argsort(values, axis=1, kind="stable")
+    v = np.take_along_axis(values, order, 1)
+    w = np.take_along_axis(weights, order, 1)
+    keys = _Keys(v, w)
+    cent = _init(v, w, k, init, np.random.default_rng(seed))
+    bounds = None
+    for _ in range(max_iter):
+        new = keys.boundaries(cent)
+        if bounds is not None and np.array_equal(new, bounds):
+            break
+        bounds = new
+        cent = keys.means(bounds, cent)
+    return np.sort(cent, axis=1)
+
+
+def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid [R, n] (ties to the lower one) for sorted centroids."""
+    mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    out = np.empty(values.shape, np.int64)
+    for r in range(values.shape[0]):  # searchsorted is 1-D; O(n log k) per row
+        out[r] = np.searchsorted(mids[r], values[r], side="right")
+    return out
+
+
+class _Keys:
+    """Sorted rows with prefix sums and a row-separating key for one searchsorted."""
+
+    def __init__(self, v: np.ndarray, w: np.ndarray):
+        rows, n = v.shape
+        self.n = n
+        self.lo = v[:, :1]
+        self.span = np.maximum(v[:, -1:] - self.lo, 1e-30) * (1 + 1e-9)
+        self.offset = np.arange(rows)[:, None] * n
+        self.flat = (self._key(v) + np.arange(rows)[:, None]).reshape(-1)
+        zero = np.zeros((rows, 1))
+        self.sums = np.concatenate([zero, np.cumsum(w * v, axis=1)], axis=1)
+        self.counts = np.concatenate([zero, np.cumsum(w, axis=1)], axis=1)
+
+    def _key(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x - self.lo) / self.span, 0.0, 1.0 - 1e-12)
+
+    def boundaries(self, cent: np.ndarray) -> np.ndarray:
+        """[R, k + 1] sorted-index boundaries of the clusters of sorted centroids."""
+        cent = np.sort(cent, axis=1)
+        mids = (cent[:, 1:] + cent[:, :-1]) / 2
+        keys = self._key(mids) + np.arange(cent.shape[0])[:, None]
+        inner = np.searchsorted(self.flat, keys.reshape(-1)).reshape(mids.shape) - self.offset
+        edge = np.zeros((cent.shape[0], 1), np.int64)
+        return np.concatenate([edge, np.clip(inner, 0, self.n), edge + self.n], axis=1)
+
+    def means(self, bounds: np.ndarray, cent: np.ndarray) -> np.ndarray:
+        cent = np.sort(cent, axis=1)
+        s = np.take_along_axis(self.sums, bounds, 1)
+        c = np.take_along_axis(self.counts, bounds, 1)
+        mass, total = np.diff(c, axis=1), np.diff(s, axis=1)
+        return np.where(mass > 0, total / np.where(mass > 0, mass, 1), cent)
+
+
+def _init(v, w, k, init, rng) -> np.ndarray:
+    """[R, k] starting centroids over the weighted support of each sorted row."""
+    if init == "kmeans++":
+        return _plusplus(v, w, k, rng)
+    cw = np.cumsum(w, axis=1)
+    total = np.maximum(cw[:, -1:], 1e-30)
+    if init == "density":
+        q = (np.arange(k) + 0.5) / k * total
+        idx = np.minimum(_row_search(cw, q), v.shape[1] - 1)
+        return np.take_along_axis(v, idx, 1)
+    first = np.minimum(_row_search(cw, np.zeros((v.shape[0], 1))), v.shape[1] - 1)
+    last = np.minimum(_row_search(cw, total * (1 - 1e-12)), v.shape[1] - 1)
+    lo, hi = np.take_along_axis(v, first, 1), np.take_along_axis(v, last, 1)
+    return lo + (hi - lo) * np.linspace(0, 1, k)[None, :]
+
+
+def _row_search(cw: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per row: first index whose cumulative weight exceeds q."""
+    return np.stack([np.searchsorted(cw[r], q[r], side="right") for r in range(cw.shape[0])])
+
+
+def _plusplus(v, w, k, rng) -> np.ndarray:
+    rows = np.arange(v.shape[0])
+    p = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+    cent = np.empty((v.shape[0], k))
+    cent[:, 0] = v[rows, _sample(p, rng)]
+    dist = (v - cent[:, :1]) ** 2
+    for j in range(1, k):
+        score = dist * w
+        total = score.sum(axis=1, keepdims=True)
+        p = np.where(total > 0, score / np.where(total > 0, total, 1), w / np.maximum(
+            w.sum(axis=1, keepdims=True), 1e-30))
+        cent[:, j] = v[rows, _sample(p, rng)]
+        dist = np.minimum(dist, (v - cent[:, j:j + 1]) ** 2)
+    return cent
+
+
+def _sample(p: np.ndarray, rng) -> np.ndarray:
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), p.shape[1] - 1)
+
+
+def sse(values: np.ndarray, centroids: np.ndarray) -> float:
+    """Sum of squared distances of 1-D ``values`` to their nearest centroid."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    return float(np.min((values[:, None] - np.asarray(centroids)[None, :]) ** 2, axis=1).sum())
+
+
+def optimal_1d(values: np.ndarray, k: int) -> np.ndarray:
+    """Globally optimal 1-D k-means centroids by dynamic programming, O(k n^2).
+
+    cost(i, j) of the sorted run v[i:j] from prefix sums of v and v^2;
+    D[m][j] = min_i D[m-1][i] + cost(i, j). For reference use on small arrays.
+    """
+    v = np.sort(np.asarray(values, np.float64).reshape(-1))
+    n, k = v.size, min(k, v.size)
+    s = np.concatenate([[0.0], np.cumsum(v)])
+    s2 = np.concatenate([[0.0], np.cumsum(v * v)])
+    i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    size = np.maximum(j - i, 1)
+    cost = np.where(j > i, s2[j] - s2[i] - (s[j] - s[i]) ** 2 / size, np.inf)
+    best, arg = cost[0].copy(), []
+    for _ in range(1, k):
+        total = best[:, None] + cost
+        arg.append(np.argmin(total, axis=0))
+        best = total[arg[-1], np.arange(n + 1)]
+    cuts, end = [n], n
+    for a in reversed(arg):
+        end = int(a[end])
+        cuts.append(end)
+    cuts = [0, *cuts[::-1]]
+    return np.array([v[a:b].mean() for a, b in zip(cuts[:-1], cuts[1:], strict=True)])

@@ -1,0 +1,193 @@
+"""Layer views, input Gram matrices on calibration data, and least-squares re-fitting.
+
+A prunable layer is seen as G groups of output rows over K inputs each:
+    Conv  W[O, C/G, kh, kw]  ->  Wm[G, O/G, K],  K = (C/G)*kh*kw   (im2col order c, i, j)
+    Gemm  B[O, K] (transB=1) or B[K, O]  ->  Wm[1, O, K]
+    MatMul B[K, O]  ->  Wm[1, O, K]
+and its input as patch rows x[K] (im2col of the Conv input for group g). With the
+bias appended as a constant input (x~ = [x, 1], w~ = [w, b]) the output error of a
+changed row w~' on the calibration data is
+    ||X~ w~' - X~ w~||^2 = (w~' - w~)^T H (w~' - w~),     H = sum over rows of x~ x~^T
+so one streamed pass over the calibration data (H per layer and group, K+1 square)
+gives both the error of any mask and the re-fit of the kept weights:
+    w~'_k = (H_kk + lambda I)^-1 (H_k: w~ + lambda w~_k),  lambda = ridge * mean(diag H_kk)
+the least-squares weights over the kept inputs k, with a small ridge pulling them
+towards their original values (rank-deficient H: few rows, dead inputs). The bias is
+always kept, so it also absorbs the mean of what was removed. MatMul has no bias slot: its H has no ones row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ... import validate
+from ..base import const_value
+from ..qdq.calibrate import with_outputs
+
+RIDGE = 1e-3
+CHUNK_ROWS = 1 << 16
+
+
+@dataclass
+class Layer:
+    """A Conv/Gemm/MatMul with a constant weight, seen as Wm[G, O/G, K]."""
+
+    node: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+    @property
+    def groups(self) -> int:
+        return int(self.node.attrs.get("group", 1)) if self.node.op == "Conv" else 1
+
+    @property
+    def has_bias_slot(self) -> bool:
+        return self.node.op != "MatMul"
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def input_name(self) -> str:
+        return self.node.inputs[0].name
+
+    def matrix(self, weight: np.ndarray | None = None) -> np.ndarray:
+        w = self.weight if weight is None else weight
+        if self.node.op == "Conv":
+            return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+        if self.node.op == "Gemm" and self.node.attrs.get("transB", 0):
+            return w[None]
+        return w.T[None]
+
+    def unmatrix(self, m: np.ndarray) -> np.ndarray:
+        if self.node.op == "Conv":
+            return m.reshape(self.weight.shape)
+        if self.node.op == "Gemm" and self.node.attrs.get("transB", 0):
+            return m[0]
+        return np.ascontiguousarray(m[0].T)
+
+    def bias_vector(self) -> np.ndarray:
+        rows = self.matrix().shape[0] * self.matrix().shape[1]
+        return np.zeros(rows) if self.bias is None else self.bias.astype(np.float64)
+
+
+def layer_of(node: gs.Node) -> Layer | str:
+    """The Layer view of ``node`` or the reason it has none."""
+    weight = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op not in ("Conv", "Gemm", "MatMul") or weight is None:
+        return "weight is not constant"
+    if node.op == "Conv" and (weight.ndim != 4 or node.attrs.get("auto_pad", "NOTSET")
+                              not in ("NOTSET", "VALID")):
+        return "Conv is not 2-D with explicit pads"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1
+                              or node.attrs.get("beta", 1.0) != 1):
+        return "Gemm uses transA, alpha or beta"
+    if weight.ndim != (4 if node.op == "Conv" else 2) or weight.dtype != np.float32:
+        return "weight is not a float32 matrix/kernel"
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = const_value(node.inputs[2])
+        rows = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) \
+            else weight.shape[1]
+        if bias is None or bias.size != rows:
+            return "bias is not a constant per output channel"
+        bias = bias.reshape(-1)
+    return Layer(node, weight, bias)
+
+
+def patches(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Input rows [P, G, K] of ``layer`` for the input batch ``x``."""
+    if layer.node.op != "Conv":
+        return x.reshape(-1, 1, x.shape[-1])
+    a = layer.node.attrs
+    kh, kw = layer.weight.shape[2:]
+    sh, sw = a.get("strides", [1, 1])
+    dh, dw = a.get("dilations", [1, 1])
+    pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
+    x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    win = sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [n, C, Ho, Wo, kh, kw]
+    rows = win.transpose(0, 2, 3, 1, 4, 5)
+    return rows.reshape(-1, layer.groups, rows.shape[3] // layer.groups * kh * kw)
+
+
+def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray) -> np.ndarray:
+    """``total`` + H of ``x`` for ``layer``: [G, K(+1), K(+1)] in float64."""
+    step = max(1, CHUNK_ROWS // max(1, int(np.prod(x.shape[1:])) // 64 + 1))
+    for start in range(0, x.shape[0], step):
+        rows = patches(layer, x[start:start + step])
+        if layer.has_bias_slot:
+            rows = np.concatenate([rows, np.ones((*rows.shape[:2], 1), rows.dtype)], axis=2)
+        part = np.einsum("pgk,pgl->gkl", rows, rows, dtype=np.float32, optimize=True)
+        total = part.astype(np.float64) if total is None else total + part
+    return total
+
+
+def collect_grams(model, layers: list[Layer], batches: list[dict],
+                  progress=lambda m: None) -> dict[str, np.ndarray]:
+    """H of every layer (by name) over ``batches``, streamed through onnxruntime."""
+    names = sorted({layer.input_name for layer in layers})
+    runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
+    grams: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
+    try:
+        for i, batch in enumerate(batches):
+            values = runner.run_batch(batch)
+            for layer in layers:
+                x = values[layer.input_name].astype(np.float32)
+                grams[layer.name] = gram_add(grams[layer.name], layer, x)
+            progress(f"pruning statistics: batch {i + 1}/{len(batches)}")
+    finally:
+        runner.close()
+    return grams
+
+
+def augmented(layer: Layer, matrix: np.ndarray | None = None) -> np.ndarray:
+    """w~ rows [G, O/G, K(+1)]: the weight matrix with the bias as the last column."""
+    m = (layer.matrix() if matrix is None else matrix).astype(np.float64)
+    if not layer.has_bias_slot:
+        return m
+    return np.concatenate([m, layer.bias_vector().reshape(*m.shape[:2], 1)], axis=2)
+
+
+def mask_error(h: np.ndarray, w: np.ndarray, keep: np.ndarray) -> float:
+    """sum over rows of d^T H d with d = w~ where the mask drops it (bias never dropped)."""
+    d = np.where(_pad_keep(keep, w.shape[2]), 0.0, w)
+    return float(np.einsum("gok,gkl,gol->", d, h, d, optimize=True))
+
+
+def energy(h: np.ndarray, w: np.ndarray) -> float:
+    """sum over rows of w~^T H w~: the output energy of the layer on the data."""
+    return float(np.einsum("gok,gkl,gol->", w, h, w, optimize=True))
+
+
+def refit(h: np.ndarray, w: np.ndarray, keep: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """Least-squares w~' (zero outside ``keep``) for rows w~ [G, O/G, K(+1)].
+
+    Args:
+        h: [G, K(+1), K(+1)] Gram matrices.
+        keep: bool [G, O/G, K]: inputs each row keeps (the bias column is always kept).
+    """
+    keep = _pad_keep(keep, w.shape[2])
+    out = np.zeros_like(w)
+    for g in range(w.shape[0]):
+        patterns: dict[bytes, list[int]] = {}
+        for o in range(w.shape[1]):
+            patterns.setdefault(np.packbits(keep[g, o]).tobytes(), []).append(o)
+        for rows in patterns.values():
+            k = np.flatnonzero(keep[g, rows[0]])
+            hkk = h[g][np.ix_(k, k)]
+            lam = ridge * max(float(np.mean(np.diag(hkk))), 1e-12)
+            rhs = h[g][k] @ w[g, rows].T + lam * w[g][np.ix_(rows, k)].T
+            out[g][np.ix_(rows, k)] = np.linalg.solve(hkk + lam * np.eye(k.size), rhs).T
+    return out
+
+
+def _pad_keep(keep: np.ndarray, width: int) -> np.ndarray:
+    if keep.shape[2] == width:
+        return keep
+    return np.concatenate([keep, np.ones((*keep.shape[:2], 1), bool)], axis=2)

@@ -1,0 +1,154 @@
+"""The math of svd-split: low-rank factors of a layer matrix, fitted to its outputs.
+
+A layer computes y = M x + b (M: out x D, x: im2col patch). With the centred input
+covariance Sigma = E[(x - mu)(x - mu)^T] (Sigma = I without data), the output error of
+an approximation M' is
+
+    err(M')^2 = tr((M - M') Sigma (M - M')^T) / tr(M Sigma M^T)
+
+once the bias absorbs the mean shift, b' = b + (M - M') mu (so E[y'] = E[y]).
+
+Channel mode (Zhang et al. 2015): with U S V^T = svd(M Sigma^{1/2}), the best rank-r M'
+is P M with P = U_r U_r^T, a projection of the outputs onto their principal subspace:
+    first conv  A = U_r^T M  (r x D: k x k, C_in -> r)
+    second conv B = U_r      (out x r: 1 x 1, r -> C_out)
+and err^2 = sum_{i>r} s_i^2 / sum_i s_i^2 exactly.
+
+Spatial mode (Jaderberg et al. 2014, scheme 2): W reshaped to
+    N[(c, y), (o, x)] = W[o, c, y, x]          (C_in*kh x C_out*kw)
+is approximated by V H with V (C_in*kh x r) a kh x 1 conv and H (r x C_out*kw) a 1 x kw
+conv. Data-aware, N is whitened on the left by S^{1/2}, S the covariance of one input
+column (c, y) (Sigma's diagonal blocks averaged over x): svd(S^{1/2} N) = U s V^T,
+V = S^{-1/2} U_r, H = s_r V_r^T; err is then measured with the full Sigma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOOR = 1e-6  # relative eigenvalue floor of S^{-1/2} (directions the data never uses)
+
+
+@dataclass
+class Factors:
+    """A split: ``first`` (r x D' matrix), ``second`` (out x r' matrix), new bias."""
+
+    mode: str
+    rank: int
+    first: np.ndarray
+    second: np.ndarray
+    bias: np.ndarray
+    error: float
+
+
+def sqrt_psd(sigma: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Sigma^{1/2} (or Sigma^{-1/2} with eigenvalues floored at FLOOR * max)."""
+    lam, vec = np.linalg.eigh(sigma)
+    lam = np.maximum(lam, FLOOR * max(float(lam.max()), 1e-30))
+    power = -0.5 if inverse else 0.5
+    return (vec * lam**power) @ vec.T
+
+
+def rel_error(m: np.ndarray, approx: np.ndarray, sigma: np.ndarray | None) -> float:
+    """err(M') of the module docstring (Frobenius when ``sigma`` is None)."""
+    delta = m - approx
+    if sigma is None:
+        num, den = np.sum(delta**2), np.sum(m**2)
+    else:
+        num, den = np.sum((delta @ sigma) * delta), np.sum((m @ sigma) * m)
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+class Channel:
+    """Channel-mode factoriser of one matrix (one SVD, any rank)."""
+
+    mode = "channel"
+
+    def __init__(self, m: np.ndarray, sigma: np.ndarray | None):
+        target = m if sigma is None else m @ sqrt_psd(sigma)
+        self.m = m
+        self.u, s, _ = np.linalg.svd(target, full_matrices=False)
+        energy = np.cumsum(s**2)
+        self.residual = 1.0 - energy / energy[-1] if energy[-1] > 0 else np.zeros_like(s)
+        self.max_rank = len(s)
+
+    def error(self, rank: int) -> float:
+        return float(np.sqrt(max(self.residual[rank - 1], 0.0)))
+
+    def energy_rank(self, energy: float) -> int:
+        return int(np.searchsorted(-self.residual, -(1.0 - energy) - 1e-12) + 1)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        u = self.u[:, :rank]
+        return u.T @ self.m, u
+
+
+class Spatial:
+    """Spatial-mode factoriser of a conv weight (C_out, C_in, kh, kw)."""
+
+    mode = "spatial"
+
+    def __init__(self, m: np.ndarray, c_in: int, kernel: tuple[int, int],
+                 sigma: np.ndarray | None):
+        kh, kw = kernel
+        self.m, self.sigma, self.shape = m, sigma, (m.shape[0], c_in, kh, kw)
+        n = m.reshape(self.shape).transpose(1, 2, 0, 3).reshape(c_in * kh, -1)
+        left = right = None
+        if sigma is not None:
+            column = column_covariance(sigma, c_in, kernel)
+            left, right = sqrt_psd(column), sqrt_psd(column, inverse=True)
+        u, s, vt = np.linalg.svd(n if left is None else left @ n, full_matrices=False)
+        self.v = u if right is None else right @ u
+        self.h = s[:, None] * vt
+        energy = np.cumsum(s**2)
+        self.residual = 1.0 - energy / energy[-1] if energy[-1] > 0 else np.zeros_like(s)
+        self.max_rank = len(s)
+
+    def energy_rank(self, energy: float) -> int:
+        return int(np.searchsorted(-self.residual, -(1.0 - energy) - 1e-12) + 1)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.v[:, :rank].T, self.h[:rank]
+
+    def approx(self, rank: int) -> np.ndarray:
+        """M' (out x D) of the rank-``rank`` split."""
+        c_out, c_in, kh, kw = self.shape
+        n = self.v[:, :rank] @ self.h[:rank]
+        return n.reshape(c_in, kh, c_out, kw).transpose(2, 0, 1, 3).reshape(c_out, -1)
+
+    def error(self, rank: int) -> float:
+        return rel_error(self.m, self.approx(rank), self.sigma)
+
+
+def column_covariance(sigma: np.ndarray, c_in: int, kernel: tuple[int, int]) -> np.ndarray:
+    """Covariance of one input column (c, y), averaged over the kernel's x offsets."""
+    kh, kw = kernel
+    six = sigma.reshape(c_in, kh, kw, c_in, kh, kw)
+    blocks = [six[:, :, x, :, :, x] for x in range(kw)]
+    return (sum(blocks) / kw).reshape(c_in * kh, c_in * kh)
+
+
+def smallest_rank(error, budget: float, high: int) -> int | None:
+    """Smallest r in [1, high] with error(r) <= budget (error falls with r), or None."""
+    if high < 1 or error(high) > budget:
+        return None
+    low = 1
+    while low < high:
+        mid = (low + high) // 2
+        if error(mid) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def build(factoriser, rank: int, bias: np.ndarray, mean: np.ndarray | None) -> Factors:
+    """Factors of ``rank``, the bias corrected for the mean shift (module docstring)."""
+    first, second = factoriser.factors(rank)
+    new_bias = bias.copy()
+    if mean is not None:
+        approx = factoriser.approx(rank) if isinstance(factoriser, Spatial) else second @ first
+        new_bias = bias + (factoriser.m - approx) @ mean
+    return Factors(factoriser.mode, rank, first, second, new_bias, factoriser.error(rank))

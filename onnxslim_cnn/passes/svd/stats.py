@@ -1,0 +1,104 @@
+"""Input statistics of each site on calibration data: mean and covariance of its patches.
+
+The covariance of a Conv's im2col patches (D = C_in*kh*kw) is what svd-split fits the
+factors to. A 224 x 224 layer has ~50k patches per image, so each batch contributes a
+seeded random sample of at most ``rows`` patches, gathered straight from the padded
+input (no full im2col). Sums of x and x x^T are accumulated in float64:
+
+    mu = sum(x) / n,   Sigma = sum(x x^T) / n - mu mu^T
+
+Sites are measured in groups whose covariances together hold at most ``MAX_ENTRIES``
+numbers (ResNet-50 would need ~1 GB at once); each group is one sweep over the data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ... import validate
+from ..qdq.calibrate import with_outputs
+from .site import Site
+
+MAX_ENTRIES = 2**24
+
+
+class Moments:
+    """Streaming first and second moments of row vectors."""
+
+    def __init__(self, dim: int):
+        self.total = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+        self.count = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = rows.astype(np.float64)
+        self.total += rows.sum(axis=0)
+        self.outer += rows.T @ rows
+        self.count += rows.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.total / max(self.count, 1)
+        sigma = self.outer / max(self.count, 1) - np.outer(mean, mean)
+        return mean, (sigma + sigma.T) / 2
+
+
+def patches(x: np.ndarray, site: Site, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """At most ``rows`` random im2col patches (n, D) of ``x`` for ``site``'s geometry."""
+    if site.node.op != "Conv":
+        flat = x.reshape(-1, x.shape[-1])
+        pick = rng.choice(flat.shape[0], min(rows, flat.shape[0]), replace=False)
+        return flat[np.sort(pick)]
+    (kh, kw), (sh, sw), (dh, dw) = site.kernel, site.strides, site.dilations
+    top, left, bottom, right = site.pads
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    total = x.shape[0] * h_out * w_out
+    flat = rng.choice(total, min(rows, total), replace=False)
+    n, rest = np.divmod(np.sort(flat), h_out * w_out)
+    oy, ox = np.divmod(rest, w_out)
+    ys = (oy * sh)[:, None] + np.arange(kh) * dh
+    xs = (ox * sw)[:, None] + np.arange(kw) * dw
+    # (n, C, kh, kw): channel axis kept whole, kernel offsets gathered per patch
+    got = xp[n[:, None, None], :, ys[:, :, None], xs[:, None, :]]
+    return got.transpose(0, 3, 1, 2).reshape(len(n), -1)
+
+
+def groups(sites: list[Site]) -> list[list[Site]]:
+    """Sites split into groups of at most MAX_ENTRIES covariance numbers."""
+    out: list[list[Site]] = [[]]
+    size = 0
+    for site in sites:
+        entries = site.matrix.shape[1] ** 2
+        if out[-1] and size + entries > MAX_ENTRIES:
+            out.append([])
+            size = 0
+        out[-1].append(site)
+        size += entries
+    return [g for g in out if g]
+
+
+def collect(model: onnx.ModelProto, sites: list[Site], batches: list[dict], seed: int,
+            rows: int = 4096, progress=lambda m: None) -> dict[str, tuple]:
+    """(mean, covariance) of each site's input patches, keyed by ``site.key``."""
+    result = {}
+    inputs = {i.name for i in model.graph.input}
+    for index, group in enumerate(groups(sites)):
+        names = sorted({s.node.inputs[0].name for s in group} - inputs)
+        runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic") \
+            if names else None
+        moments = {s.key: Moments(s.matrix.shape[1]) for s in group}
+        rng = np.random.default_rng(seed)
+        try:
+            for batch in batches:
+                values = dict(batch) | (runner.run_batch(batch) if runner else {})
+                for site in group:
+                    x = np.asarray(values[site.node.inputs[0].name])
+                    moments[site.key].add(patches(x, site, rng, rows))
+        finally:
+            if runner:
+                runner.close()
+        progress(f"svd-split statistics: group {index + 1}/{len(groups(sites))}")
+        result.update({k: m.result() for k, m in moments.items()})
+    return result
