@@ -136,15 +136,66 @@ def _pass_options(g) -> None:
     g.add_argument("--weights-only", choices=("int8", "int4"), help="qdq-int8: store "
                    "weights as per-channel integers only; activations stay float, no "
                    "calibration data needed")
+    g.add_argument("--sparsity", type=float, help="prune-weights: global fraction of "
+                   "prunable weights set to zero (default 0.5)")
+    g.add_argument("--threshold", type=float, help="prune-weights: zero |w| < this "
+                   "instead of a sparsity target")
+    g.add_argument("--prune-ops", help="prune-weights: comma-separated conv,gemm,matmul "
+                   "(default all three)")
+    g.add_argument("--prune-first-last", action="store_true", default=None,
+                   help="prune-*: also prune the first conv and the classifier")
+    g.add_argument("--allocation", choices=("sensitivity", "uniform"), help="prune-weights:"
+                   " per-layer sparsity from measured sensitivity (default) or uniform")
+    g.add_argument("--prune-score", dest="score", choices=("activation", "magnitude"),
+                   help="prune-weights: rank by |w|*input RMS (default) or |w|")
+    g.add_argument("--prune-recovery", dest="recovery", choices=("on", "off"),
+                   help="prune-*: least-squares re-fit on calibration data (default on)")
+    g.add_argument("--channel-ratio", type=float, help="prune-channels: fraction of the "
+                   "channels of each prunable group removed (default 0.25)")
+    g.add_argument("--channel-score", choices=("l2", "l1", "activation"),
+                   help="prune-channels: channel importance (default activation)")
+    g.add_argument("--rank-ratio", type=float, help="svd-split: force rank = ratio * full "
+                   "rank (data-free)")
+    g.add_argument("--energy", type=float, help="svd-split: force the smallest rank keeping "
+                   "this fraction of the squared singular values (data-free)")
+    g.add_argument("--svd-error", type=float, help="svd-split: per-layer relative output "
+                   "error budget on calibration data (default 0.1)")
+    g.add_argument("--svd-mode", choices=("auto", "channel", "spatial"),
+                   help="svd-split: decomposition (default auto: per layer)")
+    g.add_argument("--svd-min-saving", type=float, help="svd-split: smallest fraction of a "
+                   "layer's params and FLOPs a split must save (default 0.2)")
+    _cluster_options(g)
+
+
+def _cluster_options(g) -> None:
+    g.add_argument("--bits", type=int, help="cluster-weights: index bits (1-8) for every "
+                   "layer (default 4 unless a budget is given)")
+    g.add_argument("--avg-bits", type=float, help="cluster-weights: size budget, average "
+                   "bits per weight with codebooks; bits chosen per layer")
+    g.add_argument("--min-layer-sqnr", type=float, dest="min_sqnr_db", help="cluster-weights:"
+                   " error budget, fewest bits reaching this output SQNR (dB) per layer")
+    g.add_argument("--granularity", choices=("auto", "channel", "tensor"),
+                   help="cluster-weights: codebook per tensor, per output channel or chosen "
+                   "per layer (auto, default)")
+    g.add_argument("--kmeans-init", choices=("linear", "density", "kmeans++"),
+                   help="cluster-weights: k-means initialisation (default linear)")
+    g.add_argument("--no-refine", action="store_const", const=False, dest="data_aware",
+                   help="cluster-weights: plain k-means centroids (no data-aware refinement)")
 
 
 PASS_OPTIONS = ("calib_method", "percentile", "activation_type", "reduce_range",
-                "bias_correction", "fallback_sqnr_db", "weights_only")
+                "bias_correction", "fallback_sqnr_db", "weights_only", "sparsity",
+                "threshold", "prune_ops", "prune_first_last", "allocation", "score",
+                "channel_ratio", "channel_score", "rank_ratio", "energy", "svd_error",
+                "svd_mode", "svd_min_saving", "bits", "avg_bits", "min_sqnr_db", "granularity",
+                "kmeans_init", "data_aware")
 
 
 def _options(args) -> dict:
     """The pass options given on the command line (absent ones keep pass defaults)."""
     options = {k: getattr(args, k) for k in PASS_OPTIONS if getattr(args, k) is not None}
+    if args.recovery is not None:
+        options["recovery"] = args.recovery == "on"
     if args.fp32_layers:
         options["fp32_layers"] = tuple(n.strip() for n in args.fp32_layers.split(",")
                                        if n.strip())

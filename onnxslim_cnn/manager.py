@@ -40,11 +40,11 @@ from .passes.base import Pass, PassContext, PassResult
 from .report import PassRecord, Report
 
 PRESETS: dict[str, tuple[str, ...]] = {
-    "lossless": ("remove-identity", "fold-constants", "fold-bn", "dedup-initializers",
-                 "remove-dead"),
+    "lossless": ("remove-identity", "fold-constants", "fold-bn", "fold-affine",
+                 "dedup-initializers", "remove-dead"),
     # Static int8 for onnxruntime's int8 kernels; names compacted (deployment file).
-    "int8": ("remove-identity", "fold-constants", "fold-bn", "dedup-initializers",
-             "equalize", "qdq-int8", "remove-dead", "compact-names"),
+    "int8": ("remove-identity", "fold-constants", "fold-bn", "fold-affine",
+             "dedup-initializers", "equalize", "qdq-int8", "remove-dead", "compact-names"),
 }
 DEFAULT_PRESET = "lossless"
 

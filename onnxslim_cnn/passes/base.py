@@ -155,3 +155,27 @@ def const_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 def count(items: Iterable[Any]) -> int:
     return sum(1 for _ in items)
+
+
+def detach(node: gs.Node) -> None:
+    """Disconnect ``node`` from every tensor, inputs first.
+
+    graphsurgeon unlinks a node from a tensor with ``list.remove``, which compares
+    nodes by name, op, attributes, inputs and outputs: a half-disconnected unnamed node
+    (inputs kept, outputs cleared) equals any other such node on the same input, and the
+    wrong one would be unlinked. Clearing the inputs while the outputs still tell the
+    node apart avoids that.
+    """
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def take_over_name(old: gs.Tensor | None, fallback: str, taken: set[str]) -> str:
+    """Name for the folded replacement of ``old``: ``old``'s own name when only this layer
+    reads it (the stale constant is renamed; cleanup drops it), else a fresh name. Names
+    are repeated in the file, so not growing them keeps small models small."""
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        name = old.name
+        old.name = unique_name(taken, f"{name}_prefold")
+        return name
+    return unique_name(taken, fallback)

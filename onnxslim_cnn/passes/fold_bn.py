@@ -25,7 +25,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Pass, PassContext, PassResult, const_value, register, taken_names, unique_name
+from .base import (
+    Pass, PassContext, PassResult, const_value, detach, register, take_over_name, taken_names,
+)
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -146,29 +148,16 @@ def _bias(layer: gs.Node, index: int, channels: int) -> np.ndarray | str:
 _FOLDERS = {"Conv": _fold_conv, "Gemm": _fold_gemm, "MatMul": _fold_matmul}
 
 
-def _take_over(old: gs.Tensor | None, fallback: str, taken: set[str]) -> str:
-    """Name for the folded replacement of ``old``: ``old``'s own name when only this layer
-    reads it (the stale constant is renamed; cleanup drops it), else a fresh name. Names
-    are repeated in the file, so not growing them keeps small models small."""
-    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
-        name = old.name
-        old.name = unique_name(taken, f"{name}_prefold")
-        return name
-    return unique_name(taken, fallback)
-
-
 def _install(layer: gs.Node, bn: gs.Node, folded, taken: set[str]) -> None:
     new_w, new_b, attrs = folded
-    w_name = _take_over(layer.inputs[1], f"{layer.inputs[1].name}_bnfold", taken)
+    w_name = take_over_name(layer.inputs[1], f"{layer.inputs[1].name}_bnfold", taken)
     old_bias = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
-    b_name = _take_over(old_bias, f"{layer.name or layer.outputs[0].name}_bias", taken)
+    b_name = take_over_name(old_bias, f"{layer.name or layer.outputs[0].name}_bias", taken)
     weight, bias = gs.Constant(w_name, new_w), gs.Constant(b_name, new_b)
     if attrs.pop("to_gemm", False):
         layer.op = "Gemm"
     layer.attrs.update(attrs)
     layer.inputs = [layer.inputs[0], weight, bias]
     y = bn.outputs[0]
-    # Inputs first: graphsurgeon unlinks by node equality (see remove_identity._detach).
-    bn.inputs.clear()
-    bn.outputs.clear()
+    detach(bn)
     layer.outputs = [y]

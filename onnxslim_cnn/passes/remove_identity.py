@@ -18,6 +18,7 @@ from .base import (
     PassContext,
     PassResult,
     const_value,
+    detach,
     register,
     replace_output,
     replace_uses,
@@ -78,23 +79,10 @@ def _bypass(node: gs.Node, graph: gs.Graph) -> str | None:
         if src in graph.outputs:
             return "input and output are both graph outputs"
         # The producer takes over the graph output's name.
-        _detach(node)
+        detach(node)
         replace_uses(src, dst)
         replace_output(producer, src, dst)
         return None
     replace_uses(dst, src)
-    _detach(node)
+    detach(node)
     return None
-
-
-def _detach(node: gs.Node) -> None:
-    """Disconnect ``node`` from every tensor, inputs first.
-
-    graphsurgeon unlinks a node from a tensor with ``list.remove``, which compares
-    nodes by name, op, attributes, inputs and outputs: a half-disconnected unnamed node
-    (inputs kept, outputs cleared) equals any other such node on the same input, and the
-    wrong one would be unlinked. Clearing the inputs while the outputs still tell the
-    node apart avoids that.
-    """
-    node.inputs.clear()
-    node.outputs.clear()

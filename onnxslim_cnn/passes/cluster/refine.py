@@ -17,8 +17,12 @@ E is quadratic in the k centroid values, so its minimiser solves the k x k syste
 weights that meet all-zero inputs) to their k-means value. A centroid fixed at 0 (pruned
 zeros) is left out of the unknowns. Indices stay as k-means chose them.
 
-The same G gives each layer's output SQNR without running the model:
-    SQNR = 10 log10( sum_o w_o^T G w_o / sum_o (w'_o - w_o)^T G (w'_o - w_o) )   (dB)
+When the layer has (or can get) a bias, the mean output error per channel,
+e_o^T mu (mu the mean patch), is removed exactly by b'_o = b_o - e_o^T mu, and what
+remains is e_o^T S e_o with S = G - mu mu^T, the covariance: then S replaces G above.
+
+The same matrix gives each layer's output SQNR without running the model:
+    SQNR = 10 log10( sum_o w_o^T G w_o / sum_o e_o^T S e_o )   (dB, S = G or the covariance)
 
 G is streamed: per batch a seeded random subset of output positions is gathered
 straight from the padded input (no full im2col).
@@ -34,9 +38,10 @@ import onnx
 from ... import validate
 from ..qdq.calibrate import with_outputs
 
-SAMPLES = 16384  # patches per layer over the whole calibration set
-MAX_PATCH = 4608  # larger P -> G would be > 80 MB: refinement is skipped
+SAMPLES = 8192  # patches per layer over the whole calibration set
+MAX_PATCH = 2304  # larger P: G > 40 MB and refinement too slow, so it is skipped
 CAP_DB = 200.0
+MAX_K = 64  # 7-8 bit codebooks are already close, and k^3 solves per channel add up
 
 
 @dataclass
@@ -51,10 +56,25 @@ class ConvGeom:
     dense: bool = False
 
 
+@dataclass
+class Moments:
+    """Second moment G [groups, P, P] and mean patch [groups, P] of a layer's input."""
+
+    gram: np.ndarray
+    mean: np.ndarray
+    _cov: np.ndarray | None = None
+
+    def cov(self) -> np.ndarray:
+        """G - mu mu^T: what is left of G once the bias absorbs the mean error."""
+        if self._cov is None:
+            self._cov = self.gram - self.mean[:, :, None] * self.mean[:, None, :]
+        return self._cov
+
+
 def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]],
                   batches: list[dict], seed: int = 0,
-                  progress=lambda m: None) -> dict[str, np.ndarray]:
-    """G [groups, P, P] (float64, divided by the patch count) per layer.
+                  progress=lambda m: None) -> dict[str, Moments]:
+    """Input moments per layer over ``SAMPLES`` seeded random patches.
 
     Args:
         layers: layer key -> (input tensor name, geometry).
@@ -63,6 +83,7 @@ def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]
     runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
     rng = np.random.default_rng(seed)
     grams: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(layers, 0)
     per_batch = max(1, -(-SAMPLES // max(len(batches), 1)))
     try:
@@ -70,21 +91,33 @@ def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]
             values = runner.run_batch(batch)
             for key, (name, geom) in layers.items():
                 patches = _patches(values[name], geom, per_batch, rng)
-                g = np.einsum("sgp,sgq->gpq", patches, patches, dtype=np.float64)
+                g = _gram(patches)
                 grams[key] = g if key not in grams else grams[key] + g
+                total = patches.sum(axis=0, dtype=np.float64)
+                sums[key] = total if key not in sums else sums[key] + total
                 counts[key] += patches.shape[0]
             progress(f"cluster-weights: activations of batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
-    return {k: g / max(counts[k], 1) for k, g in grams.items()}
+    return {k: Moments(g / max(counts[k], 1), sums[k] / max(counts[k], 1))
+            for k, g in grams.items()}
+
+
+def _gram(patches: np.ndarray) -> np.ndarray:
+    """[g, P, P] sum over patches of x x^T, one GEMM per group."""
+    if patches.shape[1] == 1:
+        flat = patches[:, 0, :]
+        return (flat.T @ flat)[None].astype(np.float64)
+    by_group = np.ascontiguousarray(patches.transpose(1, 2, 0))  # [g, P, S]
+    return np.matmul(by_group, by_group.transpose(0, 2, 1)).astype(np.float64)
 
 
 def _patches(x: np.ndarray, geom: ConvGeom, count: int, rng) -> np.ndarray:
-    """[S, groups, P] float64 input patches at ``count`` random output positions."""
+    """[S, groups, P] float32 input patches at ``count`` random output positions."""
     if geom.dense:
         rows = x.reshape(-1, x.shape[-1])
         pick = rng.choice(rows.shape[0], min(count, rows.shape[0]), replace=False)
-        return rows[np.sort(pick)][:, None, :].astype(np.float64)
+        return rows[np.sort(pick)][:, None, :].astype(np.float32)
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.strides, geom.dilations
     t, left, b, r = geom.pads
     xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
@@ -97,51 +130,100 @@ def _patches(x: np.ndarray, geom: ConvGeom, count: int, rng) -> np.ndarray:
     cols = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [S, kw]
     patch = xp[bi[:, None, None, None], np.arange(c)[None, :, None, None],
                rows[:, None, :, None], cols[:, None, None, :]]  # [S, C, kh, kw]
-    return patch.reshape(patch.shape[0], geom.groups, -1).astype(np.float64)
+    return patch.reshape(patch.shape[0], geom.groups, -1).astype(np.float32)
 
 
-def channel_grams(gram: np.ndarray | None, channels: int, size: int) -> np.ndarray:
-    """[O, P, P] view: output channel o reads group o // (O / groups); identity if None."""
-    if gram is None:
-        return np.broadcast_to(np.eye(size), (channels, size, size))
-    per = channels // gram.shape[0]
-    return np.repeat(gram, per, axis=0) if per > 1 else gram
+class Quadratic:
+    """The output error of one layer as a quadratic in its decoded weights.
+
+    noise(c) = sum_o e_o^T S e_o = sum_o c_o^T A_o c_o - 2 c_o^T b_o + w_o^T S w_o,
+    with A_o = M_o^T S M_o and b_o = M_o^T S w_o (S: G, or the covariance when the
+    bias absorbs the mean error). Built once per layer; each clustering then costs
+    only the A_o (segment sums of S, independent of k), not a GEMM per candidate.
+    """
+
+    def __init__(self, w: np.ndarray, moments: Moments | None, corrects_bias: bool):
+        self.w = w
+        if moments is None:  # no data: plain weight error, S = I
+            self.groups, self.s = 1, None
+            self.signal = float(np.sum(w * w))
+            self.sw, self.wsw = w, np.sum(w * w, axis=1)
+            return
+        self.groups = moments.gram.shape[0]
+        self.s = moments.cov() if corrects_bias else moments.gram
+        self.signal = float(np.sum(_group_apply(w, moments.gram) * w))
+        self.sw = _group_apply(w, self.s)
+        self.wsw = np.sum(self.sw * w, axis=1)
+
+    def normal_equations(self, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A [O, k, k] and b [O, k] for cluster indices ``idx`` [O, P]."""
+        channels = idx.shape[0]
+        flat = (idx + np.arange(channels)[:, None] * k).reshape(-1)
+        b = np.bincount(flat, weights=self.sw.reshape(-1), minlength=channels * k)
+        if self.s is None:  # A_o = diag(cluster sizes)
+            counts = np.bincount(flat, minlength=channels * k).reshape(channels, k)
+            return counts[:, :, None] * np.eye(k)[None], b.reshape(channels, k)
+        a = np.zeros((channels, k, k))
+        per_group = channels // self.groups
+        for o in range(channels):
+            a[o] = _segment_gram(self.s[o // per_group], idx[o], k)
+        return a, b.reshape(channels, k)
+
+    def sqnr_db(self, a: np.ndarray, b: np.ndarray, cent: np.ndarray) -> float:
+        """Output SQNR of codebook ``cent`` [R, k] (R = 1 or O) given its A, b."""
+        c = np.broadcast_to(cent.astype(np.float64), b.shape)
+        quad = np.sum(c * np.matmul(a, c[..., None])[..., 0])
+        noise = float(quad - 2 * np.sum(c * b) + self.wsw.sum())
+        if noise <= self.signal * 1e-20:
+            return CAP_DB
+        return float(min(CAP_DB, 10 * np.log10(max(self.signal, 1e-30) / noise)))
 
 
-def refine(w: np.ndarray, idx: np.ndarray, cent: np.ndarray, gram: np.ndarray,
-           zero: int | None = None) -> np.ndarray:
+def _segment_gram(s: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """M^T S M [k, k] for one channel: S's rows and columns summed per cluster."""
+    order = np.argsort(idx, kind="stable")
+    counts = np.bincount(idx, minlength=k)
+    used = counts > 0
+    starts = (np.cumsum(counts) - counts)[used]
+    cols = np.add.reduceat(s[:, order], starts, axis=1)
+    out = np.zeros((k, k))
+    out[np.ix_(used, used)] = np.add.reduceat(cols[order], starts, axis=0)
+    return out
+
+
+def solve(a: np.ndarray, b: np.ndarray, cent: np.ndarray, zero: int | None = None
+          ) -> np.ndarray:
     """Least-squares centroids (module docstring).
 
     Args:
-        w: [O, P] weights; idx: [O, P] cluster of each weight; cent: [R, k] k-means
-            codebook (R = 1 per tensor, R = O per channel); gram: [O, P, P] per channel.
+        a, b: ``Quadratic.normal_equations`` [O, k, k], [O, k]; cent: [R, k] k-means
+            codebook (R = 1 per tensor: the channels' equations are summed; R = O).
         zero: index of a centroid fixed at 0, or None.
 
     Returns:
         [R, k] refined codebook.
     """
-    rows, k = cent.shape
-    onehot = np.zeros(idx.shape + (k,))
-    np.put_along_axis(onehot, idx[..., None], 1.0, axis=2)  # M_o [O, P, k]
-    gm = np.einsum("opq,oqk->opk", gram, onehot)
-    a = np.einsum("opj,opk->ojk", onehot, gm)
-    rhs = np.einsum("opk,op->ok", gm, w)
-    if rows == 1:
-        a, rhs = a.sum(axis=0, keepdims=True), rhs.sum(axis=0, keepdims=True)
-    free = [j for j in range(k) if j != zero]
-    a, rhs, base = a[:, free][:, :, free], rhs[:, free], cent[:, free]
+    if cent.shape[0] == 1:
+        a, b = a.sum(axis=0, keepdims=True), b.sum(axis=0, keepdims=True)
+    free = [j for j in range(cent.shape[1]) if j != zero]
+    a, b, base = a[:, free][:, :, free], b[:, free], cent[:, free]
     lam = 1e-6 * np.maximum(np.einsum("rjj->r", a) / len(free), 1e-30)[:, None]
     a = a + lam[:, :, None] * np.eye(len(free))[None]
     out = cent.astype(np.float64).copy()
-    out[:, free] = np.linalg.solve(a, (rhs + lam * base)[..., None])[..., 0]
+    out[:, free] = np.linalg.solve(a, (b + lam * base)[..., None])[..., 0]
     return out
 
 
-def sqnr_db(w: np.ndarray, wq: np.ndarray, gram: np.ndarray) -> float:
-    """Output SQNR in dB of weights ``wq`` against ``w`` ([O, P]) under ``gram`` [O, P, P]."""
-    err = wq - w
-    signal = float(np.einsum("op,opq,oq->", w, gram, w))
-    noise = float(np.einsum("op,opq,oq->", err, gram, err))
-    if noise <= 0:
-        return CAP_DB
-    return float(min(CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise)))
+def _group_apply(w: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """[O, P] rows G_{g(o)} w_o."""
+    groups = gram.shape[0]
+    if groups == 1:
+        return w @ gram[0]
+    return np.matmul(w.reshape(groups, -1, w.shape[1]), gram).reshape(w.shape)
+
+
+def bias_shift(w: np.ndarray, wq: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """[O] change of bias cancelling the mean output error: -(wq_o - w_o) . mu_g(o)."""
+    groups = mean.shape[0]
+    err = (wq - w).reshape(groups, -1, w.shape[1])
+    return -np.einsum("gop,gp->go", err, mean).reshape(-1)

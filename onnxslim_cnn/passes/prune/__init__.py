@@ -6,4 +6,4 @@ matrix H = X^T X (gram.py), from which the output error of any mask and the
 least-squares re-fit of the kept weights follow without training.
 """
 
-from . import weights  # noqa: F401  (registration side effects)
+from . import channels, weights  # noqa: F401  (registration side effects)

@@ -13,7 +13,8 @@ gives both the error of any mask and the re-fit of the kept weights:
     w~'_k = (H_kk + lambda I)^-1 (H_k: w~ + lambda w~_k),  lambda = ridge * mean(diag H_kk)
 the least-squares weights over the kept inputs k, with a small ridge pulling them
 towards their original values (rank-deficient H: few rows, dead inputs). The bias is
-always kept, so it also absorbs the mean of what was removed. MatMul has no bias slot: its H has no ones row.
+always kept, so it also absorbs the mean of what was removed. MatMul has no bias
+slot: its H has no ones row.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..base import const_value
 from ..qdq.calibrate import with_outputs
 
 RIDGE = 1e-3
-CHUNK_ROWS = 1 << 16
+TOTAL_ROWS = 8192
 
 
 @dataclass
@@ -116,16 +117,30 @@ def patches(layer: Layer, x: np.ndarray) -> np.ndarray:
     return rows.reshape(-1, layer.groups, rows.shape[3] // layer.groups * kh * kw)
 
 
-def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray) -> np.ndarray:
-    """``total`` + H of ``x`` for ``layer``: [G, K(+1), K(+1)] in float64."""
-    step = max(1, CHUNK_ROWS // max(1, int(np.prod(x.shape[1:])) // 64 + 1))
-    for start in range(0, x.shape[0], step):
-        rows = patches(layer, x[start:start + step])
-        if layer.has_bias_slot:
-            rows = np.concatenate([rows, np.ones((*rows.shape[:2], 1), rows.dtype)], axis=2)
-        part = np.einsum("pgk,pgl->gkl", rows, rows, dtype=np.float32, optimize=True)
-        total = part.astype(np.float64) if total is None else total + part
-    return total
+def rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Input rows [P, G, K(+1)]: patches with a trailing 1 where there is a bias slot."""
+    r = patches(layer, x)
+    if not layer.has_bias_slot:
+        return r
+    return np.concatenate([r, np.ones((*r.shape[:2], 1), r.dtype)], axis=2)
+
+
+def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray,
+             y: np.ndarray | None = None, cap: int = TOTAL_ROWS) -> np.ndarray:
+    """``total`` + X~^T Y~ for ``layer`` (Y = X when None): [G, K(+1), K(+1)], float64.
+
+    At most ``cap`` patch rows of the batch are used (a seeded sample, the same rows of
+    X and Y): H is a sum over positions, its cost rows * K^2; callers share TOTAL_ROWS
+    among their batches.
+    """
+    rx = rows(layer, x)
+    ry = rx if y is None else rows(layer, y)
+    if rx.shape[0] > cap:
+        pick = np.sort(np.random.default_rng(rx.shape[0]).choice(
+            rx.shape[0], cap, replace=False))
+        rx, ry = rx[pick], ry[pick]
+    part = np.matmul(rx.transpose(1, 2, 0), ry.transpose(1, 0, 2))  # BLAS per group
+    return part.astype(np.float64) if total is None else total + part
 
 
 def collect_grams(model, layers: list[Layer], batches: list[dict],
@@ -139,11 +154,40 @@ def collect_grams(model, layers: list[Layer], batches: list[dict],
             values = runner.run_batch(batch)
             for layer in layers:
                 x = values[layer.input_name].astype(np.float32)
-                grams[layer.name] = gram_add(grams[layer.name], layer, x)
+                grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=_cap(batches))
             progress(f"pruning statistics: batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
     return grams
+
+
+def _cap(batches: list[dict]) -> int:
+    return max(64, TOTAL_ROWS // max(len(batches), 1))
+
+
+def cross_grams(reference, working, layer: Layer, batches: list[dict]):
+    """(Hp, C) for the sequential re-fit of ``layer``: Hp = X~p^T X~p with X~p its input
+    in ``working`` (upstream layers already pruned), C = X~p^T X~o with X~o its input in
+    ``reference``, row-aligned over ``batches``.
+
+    The re-fit then matches the *original* output from the *pruned* input:
+        w~'_k = (Hp_kk + lambda I)^-1 (C_k: w~ + lambda w~_k)
+    which also undoes part of the upstream error (SparseGPT/OBC-style sequential order).
+    """
+    name = layer.input_name
+    ref = validate.Runner(with_outputs(reference, [name], only=True), optimization="basic")
+    work = validate.Runner(with_outputs(working, [name], only=True), optimization="basic")
+    hp = cross = None
+    try:
+        for batch in batches:
+            xo = ref.run_batch(batch)[name].astype(np.float32)
+            xp = work.run_batch(batch)[name].astype(np.float32)
+            hp = gram_add(hp, layer, xp, cap=_cap(batches))
+            cross = gram_add(cross, layer, xp, xo, cap=_cap(batches))
+    finally:
+        ref.close()
+        work.close()
+    return hp, cross
 
 
 def augmented(layer: Layer, matrix: np.ndarray | None = None) -> np.ndarray:
@@ -156,7 +200,7 @@ def augmented(layer: Layer, matrix: np.ndarray | None = None) -> np.ndarray:
 
 def mask_error(h: np.ndarray, w: np.ndarray, keep: np.ndarray) -> float:
     """sum over rows of d^T H d with d = w~ where the mask drops it (bias never dropped)."""
-    d = np.where(_pad_keep(keep, w.shape[2]), 0.0, w)
+    d = np.where(pad_keep(keep, w.shape[2]), 0.0, w)
     return float(np.einsum("gok,gkl,gol->", d, h, d, optimize=True))
 
 
@@ -165,29 +209,40 @@ def energy(h: np.ndarray, w: np.ndarray) -> float:
     return float(np.einsum("gok,gkl,gol->", w, h, w, optimize=True))
 
 
-def refit(h: np.ndarray, w: np.ndarray, keep: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+def fit_error(hp: np.ndarray, cross: np.ndarray, ho: np.ndarray, w: np.ndarray,
+              new: np.ndarray) -> float:
+    """||X~p new - X~o w||^2 summed over rows, from the Gram matrices of cross_grams."""
+    quad = np.einsum("gok,gkl,gol->", new, hp, new, optimize=True)
+    mixed = np.einsum("gok,gkl,gol->", new, cross, w, optimize=True)
+    return float(quad - 2 * mixed + energy(ho, w))
+
+
+def refit(h: np.ndarray, w: np.ndarray, keep: np.ndarray, ridge: float = RIDGE,
+          cross: np.ndarray | None = None) -> np.ndarray:
     """Least-squares w~' (zero outside ``keep``) for rows w~ [G, O/G, K(+1)].
 
     Args:
-        h: [G, K(+1), K(+1)] Gram matrices.
+        h: [G, K(+1), K(+1)] Gram matrices (Hp for the sequential re-fit).
         keep: bool [G, O/G, K]: inputs each row keeps (the bias column is always kept).
+        cross: C of ``cross_grams`` (None: the input is unchanged, C = H).
     """
-    keep = _pad_keep(keep, w.shape[2])
+    cross = h if cross is None else cross
+    keep = pad_keep(keep, w.shape[2])
     out = np.zeros_like(w)
     for g in range(w.shape[0]):
         patterns: dict[bytes, list[int]] = {}
         for o in range(w.shape[1]):
             patterns.setdefault(np.packbits(keep[g, o]).tobytes(), []).append(o)
-        for rows in patterns.values():
-            k = np.flatnonzero(keep[g, rows[0]])
+        for members in patterns.values():
+            k = np.flatnonzero(keep[g, members[0]])
             hkk = h[g][np.ix_(k, k)]
             lam = ridge * max(float(np.mean(np.diag(hkk))), 1e-12)
-            rhs = h[g][k] @ w[g, rows].T + lam * w[g][np.ix_(rows, k)].T
-            out[g][np.ix_(rows, k)] = np.linalg.solve(hkk + lam * np.eye(k.size), rhs).T
+            rhs = cross[g][k] @ w[g, members].T + lam * w[g][np.ix_(members, k)].T
+            out[g][np.ix_(members, k)] = np.linalg.solve(hkk + lam * np.eye(k.size), rhs).T
     return out
 
 
-def _pad_keep(keep: np.ndarray, width: int) -> np.ndarray:
+def pad_keep(keep: np.ndarray, width: int) -> np.ndarray:
     if keep.shape[2] == width:
         return keep
     return np.concatenate([keep, np.ones((*keep.shape[:2], 1), bool)], axis=2)

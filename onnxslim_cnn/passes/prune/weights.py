@@ -55,6 +55,7 @@ class PruneWeightsOptions:
     allocation: str = "sensitivity"
     score: str = "activation"
     recovery: bool = True
+    sequential: bool = True
     refit_samples: int = 64
 
 
@@ -86,25 +87,30 @@ class PruneWeights(Pass):
         layers = select_layers(graph, self.options, result)
         if not layers:
             return result
-        grams = self._grams(graph, layers, ctx)
+        reference = gs.export_onnx(graph, do_type_check=False)
+        grams = self._grams(reference, layers, ctx)
         scores = [self._score(layer, grams.get(layer.name)) for layer in layers]
         levels = self._levels(layers, scores, grams, result)
         taken = taken_names(graph)
         for layer, score, level in zip(layers, scores, levels, strict=True):
             keep = score >= level if self.options.threshold is not None else \
                 allocate.keep_mask(score, level)
-            record = self._prune(graph, layer, keep, grams.get(layer.name), taken, result)
+            h = grams.get(layer.name)
+            new, record = self._prune(graph, layer, keep, h, reference, ctx)
+            _set_dense(layer, new, taken)
             result.layers.append(record)
+        for layer, record in zip(layers, result.layers, strict=True):
+            _encode(graph, layer.node, taken, record, result)
+        result.changed = True
         _summarize(result)
         return result
 
-    def _grams(self, graph, layers, ctx: PassContext) -> dict[str, np.ndarray]:
+    def _grams(self, model, layers, ctx: PassContext) -> dict[str, np.ndarray]:
         o = self.options
         wanted = o.recovery or o.score == "activation" or (
             o.threshold is None and o.allocation == "sensitivity")
         if not ctx.calib or not wanted:
             return {}
-        model = gs.export_onnx(graph, do_type_check=False)
         batches = subset(ctx.calib, o.refit_samples)
         return gram.collect_grams(model, layers, batches, ctx.progress)
 
@@ -132,20 +138,30 @@ class PruneWeights(Pass):
             result.declined["sparsity target above what the layers allow"] += 1
         return levels
 
-    def _prune(self, graph, layer: gram.Layer, keep, h, taken, result: PassResult) -> dict:
+    def _prune(self, graph, layer: gram.Layer, keep, h, reference, ctx: PassContext):
+        """(w~', record): the masked or re-fitted rows of ``layer`` and its report line."""
         w = gram.augmented(layer)
-        new = np.where(gram._pad_keep(keep, w.shape[2]), w, 0.0)
+        new = np.where(gram.pad_keep(keep, w.shape[2]), w, 0.0)
         record = {"layer": layer.name, "op": layer.node.op, "params": int(layer.weight.size),
                   "sparsity": round(1 - float(keep.mean()), 4)}
-        if h is not None:
-            e = gram.energy(h, w)
-            record["err_mask_db"] = _db(gram.mask_error(h, w, keep), e)
-            if self.options.recovery:
-                new = gram.refit(h, w, keep)
-                record["err_refit_db"] = _db(gram.energy(h, new - w), e)
-        _install(graph, layer, new, taken, record, result)
-        result.changed = True
-        return record
+        if h is None:
+            return new, record
+        e = gram.energy(h, w)
+        record["err_mask_db"] = _db(gram.mask_error(h, w, keep), e)
+        if not self.options.recovery:
+            return new, record
+        if not self.options.sequential:
+            new = gram.refit(h, w, keep)
+            record["err_refit_db"] = _db(gram.energy(h, new - w), e)
+            return new, record
+        working = gs.export_onnx(graph, do_type_check=False)
+        batches = subset(ctx.calib, self.options.refit_samples)
+        hp, cross = gram.cross_grams(reference, working, layer, batches)
+        ctx.progress(f"prune-weights: re-fitted {layer.name}")
+        record["err_mask_seq_db"] = _db(gram.fit_error(hp, cross, h, w, new), e)
+        new = gram.refit(hp, w, keep, cross=cross)
+        record["err_refit_db"] = _db(gram.fit_error(hp, cross, h, w, new), e)
+        return new, record
 
 
 def select_layers(graph: gs.Graph, options: PruneWeightsOptions, result: PassResult
@@ -182,27 +198,31 @@ def _db(error: float, energy: float) -> float:
     return round(float(10 * np.log10(max(error, 1e-30) / max(energy, 1e-30))), 2)
 
 
-def _install(graph, layer: gram.Layer, new: np.ndarray, taken, record, result) -> None:
-    """New weight (sparse-encoded when it pays) and re-fitted bias for ``layer``."""
+def _set_dense(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:
+    """Install the pruned rows w~' [G, O/G, K(+1)] as the layer's weight and bias."""
     node, k = layer.node, layer.matrix().shape[2]
     weight = layer.unmatrix(new[:, :, :k]).astype(np.float32)
-    base = node.inputs[1].name
-    dense = numpy_helper.from_array(weight, base).ByteSize()
+    node.inputs[1] = gs.Constant(unique_name(taken, f"{node.inputs[1].name}_pruned"), weight)
+    if layer.has_bias_slot and (layer.bias is not None or np.any(new[:, :, k])):
+        bias = new[:, :, k].reshape(-1).astype(np.float32)
+        old = node.inputs[2].name if layer.bias is not None else f"{node.outputs[0].name}_b"
+        constant = gs.Constant(unique_name(taken, f"{old}_refit"), bias)
+        node.inputs = [node.inputs[0], node.inputs[1], constant]
+
+
+def _encode(graph: gs.Graph, node: gs.Node, taken, record: dict, result) -> None:
+    """Store the node's pruned weight sparse when that makes the file smaller."""
+    weight = np.asarray(node.inputs[1].values)
+    dense = numpy_helper.from_array(weight, node.inputs[1].name).ByteSize()
     mark = len(graph.nodes)
-    encoded = storage.encode_sparse(graph, base, weight, taken)
+    encoded = storage.encode_sparse(graph, node.inputs[1].name, weight, taken)
     if encoded.file_bytes < dense:
         node.inputs[1] = encoded.tensor
         record.update(storage=encoded.encoding, bytes_before=dense,
                       bytes_after=encoded.file_bytes)
     else:
         del graph.nodes[mark:]
-        node.inputs[1] = gs.Constant(unique_name(taken, f"{base}_pruned"), weight)
         result.declined["sparse storage does not pay (kept dense)"] += 1
-    if layer.has_bias_slot and (layer.bias is not None or np.any(new[:, :, k])):
-        bias = new[:, :, k].reshape(-1).astype(np.float32)
-        old = node.inputs[2].name if layer.bias is not None else f"{node.outputs[0].name}_b"
-        constant = gs.Constant(unique_name(taken, f"{old}_refit"), bias)
-        node.inputs = [node.inputs[0], node.inputs[1], constant]
 
 
 def _summarize(result: PassResult) -> None:
@@ -212,7 +232,7 @@ def _summarize(result: PassResult) -> None:
                         sparsity=round(zeros / max(params, 1), 4),
                         weight_bytes_saved=sum(r.get("bytes_before", 0) - r.get(
                             "bytes_after", 0) for r in result.layers))
-    gains = [r["err_mask_db"] - r["err_refit_db"] for r in result.layers
-             if "err_refit_db" in r]
+    gains = [r.get("err_mask_seq_db", r.get("err_mask_db")) - r["err_refit_db"]
+             for r in result.layers if "err_refit_db" in r]
     if gains:
         result.stats["refit_gain_db_mean"] = round(float(np.mean(gains)), 2)

@@ -102,38 +102,46 @@ class QdqInt8(Pass):
             return self._weights_only(graph)
         float_model = gs.export_onnx(graph, do_type_check=False)
         skip = set(self.options.fp32_layers)
+        # Statistics of the float model serve every quantization attempt below.
+        facts = self._measure(graph, plan_graph(graph, skip), ctx)
         if self.options.fallback_sqnr_db > 0:
             trial = gs.import_onnx(float_model)
-            trial_result = self._quantize(trial, ctx, skip)
+            trial_result = self._quantize(trial, ctx, skip, facts)
             sqnr = self._sqnr(float_model, trial, trial_result, ctx)
             limit = int(self.options.fallback_max_fraction * len(sqnr))
             fallback = sensitivity.choose_fallback(sqnr, self.options.fallback_sqnr_db, limit)
             if not fallback:
                 return self._adopt(graph, trial, trial_result)
             skip |= set(fallback)
-        result = self._quantize(graph, ctx, skip)
+        result = self._quantize(graph, ctx, skip, facts)
         if self.options.fallback_sqnr_db > 0:
             self._sqnr(float_model, graph, result, ctx)
         return result
 
-    def _quantize(self, graph: gs.Graph, ctx: PassContext, skip: set[str]) -> PassResult:
+    def _measure(self, graph: gs.Graph, plan: Plan, ctx: PassContext) -> dict:
+        """Activation statistics, float output means and Hessians, from the float graph."""
+        facts = {"stats": self._calibrate(graph, plan, ctx), "reference": {}, "hess": {}}
+        if self.options.bias_correction == "empirical":
+            outputs = [s.node.outputs[0].name for s in plan.biases]
+            facts["reference"] = bias_correct.reference_means(graph, outputs, ctx.calib)
+        if self.options.weight_rounding == "gptq":
+            sites = [s for s in plan.weights if gptq.supported(s)]
+            facts["hess"] = gptq.hessians(gs.export_onnx(graph, do_type_check=False), sites,
+                                          ctx.calib, ctx.seed)
+        return facts
+
+    def _quantize(self, graph: gs.Graph, ctx: PassContext, skip: set[str],
+                  facts: dict) -> PassResult:
         plan = plan_graph(graph, skip)
         result = PassResult(changed=bool(plan.reads or plan.weights), declined=plan.declined)
         if not result.changed:
             return result
-        stats = self._calibrate(graph, plan, ctx)
+        stats, hess = facts["stats"], facts["hess"]
         params = self._params(plan, stats)
-        if self.options.bias_correction == "empirical":
-            outputs = [s.node.outputs[0].name for s in plan.biases]
-            reference = bias_correct.reference_means(graph, outputs, ctx.calib)
-        hess = {}
-        if self.options.weight_rounding == "gptq":
-            sites = [s for s in plan.weights if gptq.supported(s)]
-            hess = gptq.hessians(gs.export_onnx(graph, do_type_check=False), sites,
-                                 ctx.calib, ctx.seed)
         mat = self._materialize(graph, plan, stats, params, result, hess)
         if self.options.bias_correction == "empirical":
-            shift = bias_correct.correct(graph, mat.biases, reference, ctx.calib, ctx.progress)
+            shift = bias_correct.correct(graph, mat.biases, facts["reference"], ctx.calib,
+                                         ctx.progress)
             result.stats["bias_shift_left"] = round(shift, 6)
         result.stats.update(quantized_layers=len(plan.layers), activations=len(plan.reads),
                             weights=len(plan.weights), kept_float=len(plan.kept))
@@ -231,7 +239,7 @@ class QdqInt8(Pass):
         for site in plan.weights:
             act = act_of[id(site.node)]
             wq = self._quantize_weight(site, dense[id(site.node)], params.get(act),
-                                       stats.get(act), hess.get(id(site.node)))
+                                       stats.get(act), hess.get(site.node.outputs[0].name))
             mat.weight(site, wq)
             quants[id(site.node)] = wq
             result.layers.append(_layer_record(site, wq))

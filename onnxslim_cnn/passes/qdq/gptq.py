@@ -35,19 +35,24 @@ def supported(site: WeightSite) -> bool:
 
 
 def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict],
-             seed: int = 0) -> dict[int, np.ndarray]:
-    """H = sum of x x^T over (subsampled) im2col rows of every site's input."""
+             seed: int = 0) -> dict[str, np.ndarray]:
+    """H = sum of x x^T over (subsampled) im2col rows of every site's input, keyed by the
+    site's output name (stable across copies of the graph)."""
     names = sorted({s.node.inputs[0].name for s in sites})
     runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
     rng = np.random.default_rng(seed)
-    found: dict[int, np.ndarray] = {}
+    found: dict[str, np.ndarray] = {}
     try:
         for batch in batches:
             values = runner.run_batch(batch)
             for site in sites:
-                rows = _rows(site, values[site.node.inputs[0].name], rng)
+                try:
+                    rows = _rows(site, values[site.node.inputs[0].name], rng)
+                except ValueError:  # a layout im2col does not handle: nearest rounding
+                    continue
                 update = rows.T @ rows
-                found[id(site.node)] = found.get(id(site.node), 0) + update
+                key = site.node.outputs[0].name
+                found[key] = found.get(key, 0) + update
     finally:
         runner.close()
     return found
@@ -55,30 +60,42 @@ def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict
 
 def _rows(site: WeightSite, x: np.ndarray, rng) -> np.ndarray:
     """Input rows [M, K] in the flattening order of the weight's reduction axis."""
-    if site.node.op != "Conv":
-        rows = x.reshape(-1, x.shape[-1])
-    else:
-        rows = _im2col(site.node, x)
+    rows = im2col(site.node, x) if site.node.op == "Conv" else x.reshape(-1, x.shape[-1])
     if rows.shape[0] > ROWS_PER_BATCH:
         rows = rows[rng.choice(rows.shape[0], ROWS_PER_BATCH, replace=False)]
     return rows.astype(np.float64)
 
 
-def _im2col(conv, x: np.ndarray) -> np.ndarray:
+def im2col(conv, x: np.ndarray) -> np.ndarray:
     """[N*Ho*Wo, C*kh*kw] patches in (c, kh, kw) order, as W.reshape(C_out, -1)."""
     w_shape = conv.inputs[1].values.shape
     kernel = w_shape[2:]
-    pads = conv.attrs.get("pads", [0] * (2 * len(kernel)))
     strides = conv.attrs.get("strides", [1] * len(kernel))
     dil = conv.attrs.get("dilations", [1] * len(kernel))
-    if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or x.ndim != 4:
-        raise ValueError("unsupported conv for im2col")
+    if x.ndim != 4:
+        raise ValueError("im2col handles 2-D convs only")
+    pads = _pads(conv, x.shape[2:], kernel, strides, dil)
     n = len(kernel)
     x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + n]) for i in range(n)])
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
     win = sliding_window_view(x, span, axis=(2, 3))
     win = win[:, :, ::strides[0], ::strides[1], ::dil[0], ::dil[1]]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, int(np.prod(w_shape[1:])))
+
+
+def _pads(conv, size, kernel, strides, dil) -> list[int]:
+    """Explicit [begin..., end...] pads, resolving auto_pad SAME_UPPER/SAME_LOWER."""
+    mode = conv.attrs.get("auto_pad", "NOTSET")
+    if mode in ("NOTSET", "VALID"):
+        return list(conv.attrs.get("pads", [0] * (2 * len(kernel)))) if mode == "NOTSET" \
+            else [0] * (2 * len(kernel))
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, strides, dil, strict=True):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        low = total // 2 if mode == "SAME_UPPER" else total - total // 2
+        begin.append(low)
+        end.append(total - low)
+    return begin + end
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: np.ndarray

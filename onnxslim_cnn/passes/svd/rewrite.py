@@ -23,8 +23,8 @@ from .site import Site
 
 def install(graph: gs.Graph, site: Site, f: Factors, taken: set[str]) -> None:
     """Replace ``site.node`` by the factors ``f`` (its output tensor is kept)."""
-    node = site.node
-    base = node.name or site.key
+    node, key = site.node, site.key
+    base = node.name or key
 
     def const(suffix: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(unique_name(taken, f"{base}_{suffix}"),
@@ -36,10 +36,10 @@ def install(graph: gs.Graph, site: Site, f: Factors, taken: set[str]) -> None:
     # Inputs first: graphsurgeon unlinks by node equality (see remove_identity._detach).
     node.inputs.clear()
     node.outputs.clear()
-    mid = gs.Variable(unique_name(taken, f"{site.key}_svd_mid"), dtype=site.dtype)
+    mid = gs.Variable(unique_name(taken, f"{key}_svd_mid"), dtype=site.dtype)
     out = y
     if node.op == "MatMul" and np.any(f.bias != 0):
-        out = gs.Variable(unique_name(taken, f"{site.key}_svd_pre"), dtype=site.dtype)
+        out = gs.Variable(unique_name(taken, f"{key}_svd_pre"), dtype=site.dtype)
         graph.nodes.append(gs.Node("Add", unique_name(taken, f"{base}_svd_bias"),
                                    inputs=[out, const("svd_bias", f.bias)], outputs=[y]))
     graph.nodes.append(gs.Node(op1, unique_name(taken, f"{base}_svd_a"), attrs1,

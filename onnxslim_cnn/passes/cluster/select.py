@@ -1,0 +1,73 @@
+"""Bits (and codebook granularity) per layer from measured sensitivity.
+
+Every layer has candidates (bits, per-tensor or per-channel codebook) with their bytes
+and output SQNR (refine.py). Three ways to choose:
+
+- fixed bits b: the granularity maximising ``SQNR - 6.02 * bits_per_weight`` (the
+  rate-distortion slope of ~6 dB per bit: a per-channel codebook must buy its bytes);
+- error budget (``min_sqnr_db``): each layer's cheapest candidate reaching the SQNR,
+  else its best one;
+- size budget (``avg_bits``, codebooks included): start every layer at its cheapest
+  candidate, then repeatedly take the upgrade with the largest drop of relative output
+  noise per added byte,
+
+      gain = (10^(-SQNR_now/10) - 10^(-SQNR_new/10)) / (bytes_new - bytes_now),
+
+  while the total stays within avg_bits / 8 * (number of weights). Looking at every
+  dearer candidate of a layer, not only the next, walks the lower convex hull.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DB_PER_BIT = 6.02
+
+
+@dataclass(frozen=True)
+class Candidate:
+    bits: int
+    per_channel: bool
+    bytes: int
+    sqnr_db: float
+
+
+def fixed(cands: list[Candidate], size: int) -> Candidate:
+    """Best rate-distortion score among candidates of one bit width."""
+    return max(cands, key=lambda c: c.sqnr_db - DB_PER_BIT * 8 * c.bytes / max(size, 1))
+
+
+def by_error(layers: list[list[Candidate]], min_db: float) -> list[Candidate]:
+    """Per layer the cheapest candidate with SQNR >= min_db (else the best SQNR)."""
+    out = []
+    for cands in layers:
+        good = [c for c in cands if c.sqnr_db >= min_db]
+        out.append(min(good, key=lambda c: c.bytes) if good else
+                   max(cands, key=lambda c: c.sqnr_db))
+    return out
+
+
+def by_size(layers: list[list[Candidate]], budget: float) -> list[Candidate]:
+    """Greedy marginal-gain allocation under a total byte ``budget`` (module docstring)."""
+    pick = [min(cands, key=lambda c: (c.bytes, -c.sqnr_db)) for cands in layers]
+    total = sum(c.bytes for c in pick)
+    while True:
+        best, best_gain = None, 0.0
+        for i, cands in enumerate(layers):
+            now = pick[i]
+            for c in cands:
+                extra = c.bytes - now.bytes
+                if extra <= 0 or total + extra > budget:
+                    continue
+                gain = (_noise(now) - _noise(c)) / extra
+                if gain > best_gain:
+                    best, best_gain = (i, c), gain
+        if best is None:
+            return pick
+        i, c = best
+        total += c.bytes - pick[i].bytes
+        pick[i] = c
+
+
+def _noise(c: Candidate) -> float:
+    return 10 ** (-c.sqnr_db / 10)

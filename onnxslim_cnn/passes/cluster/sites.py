@@ -1,0 +1,171 @@
+"""The weights cluster-weights can share, and one clustering of one weight.
+
+A site is a Conv (2-D), Gemm or MatMul whose weight is a float32 constant read by that
+node alone. Its weight is viewed as W2 [O, P]: one row per output channel, in the order
+the layer multiplies it with an input patch (Conv: [O, C/g * kh * kw]; Gemm with
+transB=0 and MatMul store [K, O] and are transposed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import kmeans, refine
+from .refine import ConvGeom
+
+ZERO_FRACTION = 0.01  # more exact zeros than this: the layer was pruned, keep them exact
+
+
+@dataclass
+class Site:
+    key: str
+    node: gs.Node
+    const: gs.Constant
+    w2: np.ndarray  # [O, P] float64
+    axis: int  # output-channel axis of the stored weight
+    transposed: bool
+    geom: ConvGeom
+    pruned: bool
+    bias: gs.Constant | str | None = None  # the bias to correct, "new" to add one, None
+
+
+    @property
+    def size(self) -> int:
+        return int(self.w2.size)
+
+
+@dataclass
+class Clustered:
+    """One clustering of a site: indices [O, P], codebook [R, k] float32, SQNRs."""
+
+    bits: int
+    per_channel: bool
+    idx: np.ndarray
+    codebook: np.ndarray
+    sqnr_db: float
+    sqnr_kmeans_db: float
+    refined: bool
+
+    @property
+    def nbytes(self) -> int:
+        channels = self.idx.shape[0] if self.per_channel else 0
+        return -(-self.idx.size * self.bits // 8) + self.codebook.size * 4 + 4 * channels
+
+
+def find(graph: gs.Graph) -> tuple[list[Site], dict[str, int]]:
+    """Sites of ``graph`` and the reasons other Conv/Gemm/MatMul were declined."""
+    sites, declined = [], {}
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul"):
+            continue
+        site = _site(node)
+        if isinstance(site, str):
+            declined[site] = declined.get(site, 0) + 1
+        else:
+            sites.append(site)
+    return sites, declined
+
+
+def _site(node: gs.Node) -> Site | str:
+    if len(node.inputs) < 2:
+        return "no weight input"
+    const = node.inputs[1]
+    if not isinstance(const, gs.Constant):
+        return "weight is not a constant (already encoded?)"
+    w = np.asarray(const.values)
+    if w.dtype != np.float32:
+        return "weight is not float32"
+    if len(const.outputs) != 1:
+        return "weight is shared by several nodes"
+    layout = _layout(node, w)
+    if isinstance(layout, str):
+        return layout
+    w2, axis, transposed, geom = layout
+    w2 = w2.astype(np.float64)
+    pruned = np.count_nonzero(w2 == 0) > ZERO_FRACTION * w2.size
+    return Site(node.name or node.outputs[0].name, node, const, w2, axis, transposed, geom,
+                bool(pruned), _bias(node, w2.shape[0]))
+
+
+def _bias(node: gs.Node, channels: int) -> gs.Constant | str | None:
+    """Where a bias correction can go: Conv, or Gemm with alpha = beta = 1 and a [O] /
+    [1, O] constant C (or none): the existing constant, ``"new"``, or None."""
+    if node.op == "MatMul" or (node.op == "Gemm" and (
+            node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0)):
+        return None
+    if len(node.inputs) < 3 or (node.inputs[2].name == "" and not isinstance(
+            node.inputs[2], gs.Constant)):
+        return "new"
+    bias = node.inputs[2]
+    ok = isinstance(bias, gs.Constant) and len(bias.outputs) == 1 and \
+        np.asarray(bias.values).dtype == np.float32 and \
+        np.asarray(bias.values).size == channels and np.asarray(bias.values).ndim <= 2
+    return bias if ok else None
+
+
+def _layout(node: gs.Node, w: np.ndarray):
+    """(W2, axis, transposed, geometry) or the reason to decline."""
+    if node.op == "Conv":
+        if w.ndim != 4:
+            return "not a 2-D convolution"
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return "Conv uses auto_pad"
+        geom = ConvGeom(kernel=tuple(w.shape[2:]),
+                        strides=tuple(node.attrs.get("strides", (1, 1))),
+                        dilations=tuple(node.attrs.get("dilations", (1, 1))),
+                        pads=tuple(node.attrs.get("pads", (0, 0, 0, 0))),
+                        groups=int(node.attrs.get("group", 1)))
+        return w.reshape(w.shape[0], -1), 0, False, geom
+    if w.ndim != 2:
+        return "weight is not a matrix"
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return "Gemm uses transA"
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return w, 0, False, ConvGeom(dense=True)
+    return w.T, 1, True, ConvGeom(dense=True)
+
+
+def cluster(site: Site, bits: int, per_channel: bool, quad: refine.Quadratic,
+            init: str = "linear", seed: int = 0, data_aware: bool = True) -> Clustered:
+    """k-means (k = 2^bits; one centroid fixed at 0 when pruned), then refinement.
+
+    ``quad`` (refine.Quadratic of the site) scores the result as output SQNR and
+    drives the least-squares refinement, kept only when it raises that SQNR.
+    """
+    rows = site.w2 if per_channel else site.w2.reshape(1, -1)
+    k = 1 << bits
+    zero = 0 if site.pruned else None
+    weights = (rows != 0).astype(np.float64) if site.pruned else None
+    cent = kmeans.kmeans_rows(rows, k - 1 if site.pruned else k, weights, init, seed)
+    idx = kmeans.assign(rows, cent)
+    if site.pruned:  # zeros -> the exact 0 centroid at index 0
+        cent = np.concatenate([np.zeros((cent.shape[0], 1)), cent], axis=1)
+        idx = np.where(rows == 0, 0, idx + 1)
+    idx = idx.reshape(site.w2.shape)
+    book = cent.astype(np.float32)
+    a, b = quad.normal_equations(idx, k)
+    base = quad.sqnr_db(a, b, book)
+    result = Clustered(bits, per_channel, idx, book, base, base, False)
+    if data_aware and quad.s is not None and k <= refine.MAX_K:
+        better = refine.solve(a, b, cent, zero).astype(np.float32)
+        score = quad.sqnr_db(a, b, better)
+        if score > base:
+            result.codebook, result.sqnr_db, result.refined = better, score, True
+    return result
+
+
+def decode(idx: np.ndarray, codebook: np.ndarray, per_channel: bool) -> np.ndarray:
+    """W2' [O, P] = codebook[idx] (per channel: row o reads codebook row o)."""
+    if per_channel:
+        return np.take_along_axis(codebook.astype(np.float64), idx, axis=1)
+    return codebook[0].astype(np.float64)[idx]
+
+
+def stored_layout(site: Site, clustered: Clustered) -> tuple[np.ndarray, np.ndarray]:
+    """(indices in the weight's own shape, codebook [k] or [O, k]) for storage."""
+    idx = clustered.idx.T if site.transposed else clustered.idx
+    book = clustered.codebook if clustered.per_channel else clustered.codebook[0]
+    return idx.reshape(site.const.values.shape), book

@@ -1,0 +1,255 @@
+"""prune-channels: remove whole output channels of Convs; a smaller dense graph.
+
+Why: unstructured zeros save file bytes but no time; dropping channels shrinks every
+kernel that touches them, so FLOPs and latency drop on any runtime.
+
+Before:  x -> Conv1(W1[C, ...], b1) -> BN -> Relu -> Conv2(W2[O, C, ...], b2) -> y
+After:   x -> Conv1(W1[K], b1[K]) -> BN[K] -> Relu -> Conv2(W2'[:, K], b2') -> y
+with K the kept channels. Channels coupled through residual Add (both branches and
+what reads the sum), BN and depthwise convs are pruned together as one space
+(spaces.py); a Gemm after Flatten of [N, C, 1, 1] loses the columns of the removed
+channels.
+
+Ranking: per space, the fraction ``channel_ratio`` of its C channels with the lowest
+importance is removed (floor(ratio * C), at least one channel kept). Importance:
+    l2 / l1:     sum over producers p of ||W_p[c]|| / mean_c ||W_p[c]||
+    activation:  sum over consumers of sum_{o, i in c} W[o, i]^2 H[i, i]
+                 (the consumer output energy carried by channel c on the data)
+Without recovery the result equals ``mask``'s model (the channels zeroed, see
+spaces.py) up to float summation order. With ``recovery`` every consumer is re-fitted
+by least squares on the original model's calibration inputs (gram.py), with the
+channel's columns removed:
+    [W2', b2'] = argmin ||X_K W2'^T + b2' - (X W2^T + b2)||^2   (+ small ridge)
+so the bias absorbs the mean the removed channels carried.
+
+Declines: per space, the reason from ``spaces.check`` (Concat, grouped conv, graph
+output, shared weight, Flatten over H*W > 1 ...) or "fewer channels than 1/ratio".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ...errors import PreconditionError
+from ..base import Pass, PassContext, PassResult, const_value, register, taken_names, unique_name
+from ..qdq.bias_correct import subset
+from . import gram, spaces
+
+
+@dataclass(frozen=True)
+class PruneChannelsOptions:
+    """Options of prune-channels (see the module docstring)."""
+
+    channel_ratio: float = 0.25
+    channel_score: str = "activation"
+    recovery: bool = True
+    sequential: bool = True
+    refit_samples: int = 64
+
+
+@register
+class PruneChannels(Pass):
+    name = "prune-channels"
+    summary = "structured Conv channel pruning with least-squares re-fit (lossy)"
+    lossless = False
+    after = ("fold-bn",)
+    Options = PruneChannelsOptions
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if not 0 < self.options.channel_ratio < 1:
+            raise PreconditionError(f"--channel-ratio must be in (0, 1), got "
+                                    f"{self.options.channel_ratio}")
+        if self.options.channel_score not in ("l2", "l1", "activation"):
+            raise PreconditionError(f"unknown channel score '{self.options.channel_score}'")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult(changed=False)
+        chosen = self._choose(graph, result)
+        if not chosen:
+            return result
+        reference = gs.export_onnx(graph, do_type_check=False)
+        grams = self._grams(reference, chosen, ctx)
+        removed = {space.name: self._removed(space, grams) for space in chosen}
+        kept = {name: np.setdiff1d(np.arange(space.channels()), removed[name])
+                for name, space in zip(removed, chosen, strict=True)}
+        for space in chosen:
+            result.layers.append({"layer": space.name, "channels": int(space.channels()),
+                                  "removed": [int(c) for c in removed[space.name]]})
+        _mask_spaces(chosen, removed)  # the exact reference of the slicing below
+        if self.options.recovery and grams:
+            refitted = self._refit(graph, chosen, kept, reference, grams, ctx)
+            result.stats["consumers_refitted"] = refitted
+        edits = _Edits()
+        for space in chosen:
+            _slice(space, kept[space.name], edits)
+        result.stats.update(spaces_pruned=len(chosen), params_removed=edits.install(graph),
+                            channels_removed=sum(len(r["removed"]) for r in result.layers))
+        result.changed = True
+        return result
+
+    def _refit(self, graph, chosen, kept, reference, grams, ctx: PassContext) -> int:
+        """Re-fit every consumer, in graph order, on what reaches it (module docstring)."""
+        order = {id(node): i for i, node in enumerate(graph.nodes)}
+        sites = sorted(((_layer(c), space) for space in chosen for c in space.consumers),
+                       key=lambda site: order[id(site[0])])
+        taken, batches, done = taken_names(graph), subset(ctx.calib, self.options.refit_samples), 0
+        for node, space in sites:
+            layer = gram.layer_of(node)
+            if isinstance(layer, str) or layer.name not in grams:
+                continue
+            w = gram.augmented(layer)
+            cols = np.zeros(space.channels(), bool)
+            cols[kept[space.name]] = True
+            cols = np.repeat(cols, (w.shape[2] - 1) // space.channels())
+            keep = np.broadcast_to(cols, (1, w.shape[1], cols.size))
+            h, cross = grams[layer.name], None
+            if self.options.sequential:
+                working = gs.export_onnx(graph, do_type_check=False)
+                h, cross = gram.cross_grams(reference, working, layer, batches)
+            _set_layer(layer, gram.refit(h, w, keep, cross=cross), taken)
+            done += 1
+            ctx.progress(f"prune-channels: re-fitted {layer.name}")
+        return done
+
+    def _choose(self, graph: gs.Graph, result: PassResult) -> list[spaces.Space]:
+        outputs = {t.name for t in graph.outputs}
+        chosen = []
+        for space in spaces.find_spaces(graph):
+            reason = spaces.check(space, outputs)
+            if reason is None and int(self.options.channel_ratio * space.channels()) == 0:
+                reason = "fewer channels than 1/ratio"
+            if reason:
+                result.declined[reason] += 1
+            else:
+                chosen.append(space)
+        return chosen
+
+    def _grams(self, model, chosen, ctx: PassContext) -> dict[str, np.ndarray]:
+        wanted = self.options.recovery or self.options.channel_score == "activation"
+        if not ctx.calib or not wanted:
+            return {}
+        layers = [gram.layer_of(_layer(c)) for s in chosen for c in s.consumers]
+        layers = [v for v in layers if not isinstance(v, str)]
+        return gram.collect_grams(model, layers, subset(ctx.calib, self.options.refit_samples),
+                                  ctx.progress)
+
+    def _removed(self, space: spaces.Space, grams) -> np.ndarray:
+        score = importance(space, self.options.channel_score, grams)
+        count = int(self.options.channel_ratio * score.size)
+        return np.sort(np.argsort(score, kind="stable")[:count])
+
+
+def importance(space: spaces.Space, how: str, grams: dict) -> np.ndarray:
+    """Per-channel importance of ``space`` (module docstring)."""
+    views = [gram.layer_of(_layer(c)) for c in space.consumers]
+    if how == "activation" and views and all(
+            not isinstance(v, str) and v.name in grams for v in views):
+        return sum(_consumer_energy(v, space.channels(), grams[v.name]) for v in views)
+    order = 1 if how == "l1" else 2
+    total = np.zeros(space.channels())
+    for p in space.producers:
+        w = const_value(p.inputs[1]).reshape(space.channels(), -1).astype(np.float64)
+        norm = np.linalg.norm(w, ord=order, axis=1)
+        total += norm / max(float(norm.mean()), 1e-30)
+    return total
+
+
+def _consumer_energy(layer: gram.Layer, channels: int, h: np.ndarray) -> np.ndarray:
+    m = layer.matrix()[0].astype(np.float64)  # [O, K], K = channels * kernel area
+    per_column = np.sum(m * m, axis=0) * np.diag(h[0])[:m.shape[1]]
+    return per_column.reshape(channels, -1).sum(axis=1)
+
+
+def _layer(node: gs.Node) -> gs.Node:
+    """The Conv/Gemm whose weight a consumer role refers to (Flatten -> its Gemm)."""
+    return node.outputs[0].outputs[0] if node.op == "Flatten" else node
+
+
+def _set_layer(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:
+    """Install re-fitted rows w~' [1, O, K+1] as the layer's weight and bias."""
+    node = layer.node
+    weight = layer.unmatrix(new[:, :, :-1]).astype(np.float32)
+    bias = new[0, :, -1].astype(np.float32)
+    old = node.inputs[2].name if layer.bias is not None else f"{node.outputs[0].name}_b"
+    node.inputs = [node.inputs[0],
+                   gs.Constant(unique_name(taken, f"{node.inputs[1].name}_refit"), weight),
+                   gs.Constant(unique_name(taken, f"{old}_refit"), bias)]
+
+
+def _slice(space: spaces.Space, kept: np.ndarray, edits: _Edits) -> None:
+    for p in space.producers:
+        for index in (1, 2):
+            edits.take(p, index, kept, axis=0)
+    for node in space.slices:
+        for index in (1, 2, 3, 4) if node.op == "BatchNormalization" else (1, 2):
+            edits.take(node, index, kept, axis=0)
+        if node.op == "Conv":
+            edits.attrs[id(node)] = {"group": int(kept.size)}
+    for consumer in space.consumers:
+        layer = _layer(consumer)
+        axis = 1 if layer.op == "Conv" or layer.attrs.get("transB", 0) else 0
+        edits.take(layer, 1, kept, axis=axis)
+
+
+class _Edits:
+    """New values of node inputs, composed (a Conv can be producer and consumer)."""
+
+    def __init__(self):
+        self.values: dict[int, tuple[gs.Node, dict[int, np.ndarray]]] = {}
+        self.attrs: dict[int, dict] = {}
+
+    def get(self, node: gs.Node, index: int) -> np.ndarray | None:
+        entry = self.values.get(id(node))
+        if entry and index in entry[1]:
+            return entry[1][index]
+        if len(node.inputs) > index and node.inputs[index].name:
+            return const_value(node.inputs[index])
+        return None
+
+    def set(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        self.values.setdefault(id(node), (node, {}))[1][index] = value
+
+    def take(self, node: gs.Node, index: int, kept: np.ndarray, axis: int) -> None:
+        value = self.get(node, index)
+        if value is not None:
+            self.set(node, index, np.take(value, kept, axis=axis))
+
+    def install(self, graph: gs.Graph) -> int:
+        """New constants in place of the edited inputs; returns the weights removed."""
+        taken, removed = taken_names(graph), 0
+        for node, values in self.values.values():
+            for index, value in sorted(values.items()):
+                old = node.inputs[index] if len(node.inputs) > index else None
+                base = old.name if old is not None and old.name else f"{node.name}_bias"
+                removed += (old.values.size if old is not None and old.name else 0) - value.size
+                constant = gs.Constant(unique_name(taken, f"{base}_pruned"), value)
+                if old is None:
+                    node.inputs.append(constant)
+                else:
+                    node.inputs[index] = constant
+            node.attrs.update(self.attrs.get(id(node), {}))  # depthwise: new group
+        return int(removed)
+
+
+def mask(graph: gs.Graph, removed: dict[str, list[int]]) -> int:
+    """Zero the ``removed`` channels of the named spaces in place (module docstring of
+    spaces.py): the model prune-channels without recovery must reproduce. Returns the
+    number of spaces masked."""
+    chosen = [s for s in spaces.find_spaces(graph) if s.name in removed]
+    _mask_spaces(chosen, removed)
+    return len(chosen)
+
+
+def _mask_spaces(chosen: list[spaces.Space], removed) -> None:
+    for space in chosen:
+        drop = np.asarray(removed[space.name], np.int64)
+        for node in space.producers + space.slices:
+            indices = (2, 3) if node.op == "BatchNormalization" else (1, 2)
+            for index in indices:
+                if len(node.inputs) > index and node.inputs[index].name:
+                    value = const_value(node.inputs[index]).copy()
+                    value[drop] = 0
+                    node.inputs[index] = gs.Constant(f"{node.inputs[index].name}_masked", value)

@@ -1,0 +1,173 @@
+"""Channel spaces: the tensors whose channel axis must be pruned together.
+
+A space is a set of tensors joined (union-find) by ops that map channel c to channel
+c: BatchNormalization, Relu/LeakyRelu/Clip, pools, Identity/Dropout, a depthwise Conv
+(group = C, one input channel per group), and elementwise ops of two activations
+(residual Add/Mul/Sub/Max/Min/Sum: both inputs and the output share channels). Every
+node touching a space has a role:
+    producer  Conv (group 1) writing the space: rows W[c], b[c]
+    slice     BN parameters [c]; depthwise W[c], b[c] and its group
+    consumer  Conv (group 1) reading it: W[:, c]; Gemm after Flatten of [N, C, 1, 1]:
+              B[:, c] (transB) or B[c, :]
+Removing channel set J from a space is exact when those channels are zero throughout
+the space: zero producer rows and biases, zero BN shift (beta = mean = 0), zero
+depthwise rows; every joining op keeps 0 at 0 (Relu, Clip with min <= 0 <= max,
+pools, 0 + 0, 0 * x). ``mask`` builds exactly that model, the reference of
+``prune-channels`` without recovery.
+
+Declines (the whole space) when: a tensor is a graph input/output; Concat, a grouped
+(not depthwise) conv, Flatten over C x H x W with H*W > 1, or any other op reads or
+writes it; there is no producer; a weight is shared; channel counts disagree.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..base import const_value
+
+PASSTHROUGH = {"Relu", "LeakyRelu", "Identity", "Dropout", "MaxPool", "AveragePool",
+               "GlobalAveragePool", "GlobalMaxPool"}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Max", "Min", "Sum"}
+
+
+@dataclass
+class Space:
+    """One channel space and the nodes that index it."""
+
+    tensors: list[str] = field(default_factory=list)
+    producers: list[gs.Node] = field(default_factory=list)
+    slices: list[gs.Node] = field(default_factory=list)
+    consumers: list[gs.Node] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ",".join(p.name or p.outputs[0].name for p in self.producers) or self.tensors[0]
+
+    def channels(self) -> int | None:
+        counts = {const_value(p.inputs[1]).shape[0] for p in self.producers}
+        return counts.pop() if len(counts) == 1 else None
+
+
+class _Union:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def join(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def find_spaces(graph: gs.Graph) -> list[Space]:
+    """Every channel space that has a producer or a block, in graph order."""
+    union, roles = _Union(), []
+    for node in graph.nodes:
+        roles.extend(_roles(node, union))
+    spaces: dict[str, Space] = defaultdict(Space)
+    for tensor, role, node in roles:
+        space = spaces[union.find(tensor)]
+        if role in ("producers", "slices", "consumers"):
+            getattr(space, role).append(node)
+        else:
+            space.blocks.append(role)
+    for tensor in union.parent:
+        spaces[union.find(tensor)].tensors.append(tensor)
+    for t in list(graph.inputs) + list(graph.outputs):
+        if t.name in union.parent:
+            spaces[union.find(t.name)].blocks.append("a tensor is a graph input or output")
+    return [s for s in spaces.values() if s.producers]
+
+
+def _roles(node: gs.Node, union: _Union) -> list[tuple[str, str, gs.Node]]:
+    """(tensor, role or decline reason, node) for the activations ``node`` touches."""
+    acts = [t for t in node.inputs if isinstance(t, gs.Variable)]
+    out = node.outputs[0].name if node.outputs else ""
+    if node.op == "Conv":
+        return _conv_roles(node, acts, out, union)
+    if node.op == "BatchNormalization" and _constant_params(node) and \
+            not any(t.outputs for t in node.outputs[1:]):
+        union.join(acts[0].name, out)
+        return [(out, "slices", node)]
+    keeps_zero = node.op in PASSTHROUGH or (node.op == "Clip" and _clip_keeps_zero(node))
+    if keeps_zero and len(acts) == 1 and not any(t.outputs for t in node.outputs[1:]):
+        union.join(acts[0].name, out)
+        return []
+    if node.op in ELEMENTWISE and len(acts) == len(node.inputs) and _same_rank(node):
+        for t in acts:
+            union.join(t.name, out)
+        return []
+    if node.op == "Flatten" and acts:
+        return [(acts[0].name, _flatten_role(node), node)]
+    reason = "channels coupled through Concat" if node.op == "Concat" else \
+        f"{node.op} reads or writes the channels"
+    return [(t.name, reason, node) for t in acts + list(node.outputs)]
+
+
+def _conv_roles(node, acts, out, union):
+    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    group = int(node.attrs.get("group", 1))
+    if w is None or w.ndim != 4 or len(acts) != 1:
+        return [(t.name, "Conv weight is not constant", node) for t in acts + [node.outputs[0]]]
+    if group == 1:
+        return [(acts[0].name, "consumers", node), (out, "producers", node)]
+    if w.shape[1] == 1 and group == w.shape[0]:
+        union.join(acts[0].name, out)
+        return [(out, "slices", node)]
+    return [(t, "grouped (not depthwise) Conv", node) for t in (acts[0].name, out)]
+
+
+def _flatten_role(node: gs.Node) -> str:
+    shape = node.inputs[0].shape
+    users = node.outputs[0].outputs
+    if node.attrs.get("axis", 1) != 1 or shape is None or len(shape) != 4 or \
+            not all(isinstance(d, int) and d == 1 for d in shape[2:]):
+        return "Flatten over C x H x W with H*W > 1 (or unknown)"
+    if len(users) != 1 or users[0].op != "Gemm" or const_value(users[0].inputs[1]) is None \
+            or users[0].attrs.get("transA", 0):
+        return "Flatten output is not read by one Gemm with a constant weight"
+    return "consumers"
+
+
+def _constant_params(node: gs.Node) -> bool:
+    return all(const_value(t) is not None for t in node.inputs[1:5])
+
+
+def _clip_keeps_zero(node: gs.Node) -> bool:
+    bounds = [node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)]
+    for i, t in enumerate(node.inputs[1:3]):
+        if t.name:
+            value = const_value(t)
+            if value is None:
+                return False
+            bounds[i] = float(value)
+    return bounds[0] <= 0 <= bounds[1]
+
+
+def _same_rank(node: gs.Node) -> bool:
+    ranks = {len(t.shape) for t in node.inputs if t.shape is not None}
+    return ranks <= {4}
+
+
+def check(space: Space, outputs: set[str]) -> str | None:
+    """Why ``space`` cannot be pruned, or None."""
+    if space.blocks:
+        return sorted(space.blocks)[0]
+    if space.channels() is None:
+        return "producers disagree on the channel count"
+    for node in space.producers + space.slices + space.consumers:
+        layer = node if node.op != "Flatten" else node.outputs[0].outputs[0]
+        weight = layer.inputs[1]
+        if len(weight.outputs) != 1 or weight.name in outputs:
+            return "a weight is shared with another node"
+    return None

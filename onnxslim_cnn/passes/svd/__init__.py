@@ -1,0 +1,250 @@
+"""svd-split: replace a Conv/Gemm/MatMul by two thinner ones from a truncated SVD (lossy).
+
+Why: a k x k conv C_in -> C_out whose responses live in a low-dimensional subspace costs
+C_out*C_in*k^2 per position; split at rank r it costs r*(C_in*k^2 + C_out) (channel) or
+about r*k*(C_in + C_out) (spatial), fewer parameters and FLOPs.
+
+Before:   x -> Conv(W: C_out x C_in x k x k, b) -> y
+After (channel):  x -> Conv(k x k, C_in -> r) -> Conv(1 x 1, r -> C_out, b') -> y
+After (spatial):  x -> Conv(k x 1, C_in -> r) -> Conv(1 x k, r -> C_out, b') -> y
+Gemm/MatMul: x -> Gemm(A) -> Gemm(B, b')   (W ~ B A)
+
+Rank choice, per layer (factor.py holds the math, stats.py the data, site.py the costs):
+- ``rank_ratio``: r = ceil(ratio * full rank), from the plain SVD of W;
+- ``energy``: the smallest r keeping that fraction of sum(s_i^2), plain SVD;
+- default, data-aware: SVD of W Sigma^{1/2} (Sigma the covariance of the layer's im2col
+  inputs on the calibration data), the smallest r whose relative output error stays
+  within ``svd_error``. If the split model's top-1 agreement with the original on the
+  calibration data falls below 1 - 2 max_top1_drop/100 (or its cosine loss exceeds half
+  the budget's), the per-layer budget is halved and the choice repeated (at most ``BACKOFF`` times).
+Each layer gets the mode (channel, spatial, none) with the fewest MACs among those
+saving at least ``svd_min_saving`` of both its parameters and its MACs.
+
+Declines when: see site.py (depthwise/grouped conv, non-constant weight, ...); no rank
+within the budget saves enough ("no saving").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from ... import validate
+from ...errors import PreconditionError
+from ..base import Pass, PassContext, PassResult, register, taken_names
+from . import rewrite, stats
+from .factor import Channel, Factors, Spatial, build, smallest_rank
+from .site import Site, find_site
+
+MODES = ("auto", "channel", "spatial")
+BACKOFF = 3
+
+
+@dataclass(frozen=True)
+class SvdOptions:
+    """Options of svd-split.
+
+    Attributes:
+        rank_ratio: force r = ceil(ratio * full rank) (data-free).
+        energy: force the smallest r keeping this fraction of the squared singular
+            values (data-free).
+        svd_error: data-aware per-layer budget: relative output error on calibration data.
+        svd_mode: ``auto`` (pick per layer), ``channel`` or ``spatial`` only.
+        svd_min_saving: a split must save at least this fraction of the layer's
+            parameters and MACs (the extra node costs latency).
+    """
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    svd_error: float = 0.1
+    svd_mode: str = "auto"
+    svd_min_saving: float = 0.2
+
+
+@dataclass
+class Choice:
+    site: Site
+    factors: Factors | None
+    record: dict
+
+
+@register
+class SvdSplit(Pass):
+    name = "svd-split"
+    summary = "low-rank split of Conv/Gemm/MatMul into two layers, fitted to data (lossy)"
+    lossless = False
+    after = ("fold-bn",)
+    Options = SvdOptions
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        for flag, value in (("rank-ratio", o.rank_ratio), ("energy", o.energy)):
+            if value is not None and not 0 < value <= 1:
+                raise PreconditionError(f"--{flag} must be in (0, 1], not {value}")
+        if o.rank_ratio is not None and o.energy is not None:
+            raise PreconditionError("give --rank-ratio or --energy, not both")
+        if not o.svd_error > 0 or not 0 <= o.svd_min_saving < 1:
+            raise PreconditionError("--svd-error must be > 0 and --svd-min-saving in [0, 1)")
+        if o.svd_mode not in MODES:
+            raise PreconditionError(f"--svd-mode takes {', '.join(MODES)}, not {o.svd_mode}")
+
+    @property
+    def data_free(self) -> bool:
+        return self.options.rank_ratio is not None or self.options.energy is not None
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult(changed=False)
+        sites = self._sites(graph, result)
+        if not sites:
+            return result
+        moments = {} if self.data_free or not ctx.calib else stats.collect(
+            gs.export_onnx(graph, do_type_check=False), sites, ctx.calib, ctx.seed,
+            progress=ctx.progress)
+        factorisers = {s.key: self._factorisers(s, moments.get(s.key)) for s in sites}
+        budget = self.options.svd_error
+        choices = self._choose_all(sites, factorisers, moments, budget)
+        if moments and ctx.evaluate is not None:
+            choices, budget = self._backoff(graph, sites, factorisers, moments, ctx, choices)
+        taken = taken_names(graph)
+        for c in choices:
+            if c.factors is None:
+                result.declined[c.record["why"]] += 1
+            else:
+                rewrite.install(graph, c.site, c.factors, taken)
+            result.layers.append(c.record)
+        result.changed = any(c.factors is not None for c in choices)
+        result.stats.update(_totals(choices), data_aware=int(bool(moments)))
+        if moments:
+            result.stats["layer_error_budget"] = budget
+        return result
+
+    @staticmethod
+    def _sites(graph: gs.Graph, result: PassResult) -> list[Site]:
+        sites = []
+        for node in [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")]:
+            site = find_site(node)
+            if isinstance(site, str):
+                result.declined[site] += 1
+            else:
+                sites.append(site)
+        return sites
+
+    def _factorisers(self, site: Site, moments) -> list:
+        sigma = moments[1] if moments else None
+        out = []
+        if self.options.svd_mode in ("auto", "channel"):
+            out.append(Channel(site.matrix, sigma))
+        if self.options.svd_mode in ("auto", "spatial") and site.node.op == "Conv" \
+                and site.kernel[0] * site.kernel[1] > 1:
+            out.append(Spatial(site.matrix, site.c_in, site.kernel, sigma))
+        return out
+
+    def _choose_all(self, sites, factorisers, moments, budget: float) -> list[Choice]:
+        return [self._choose(s, factorisers[s.key], moments.get(s.key), budget) for s in sites]
+
+    def _choose(self, site: Site, factorisers: list, moments, budget: float) -> Choice:
+        params, macs = site.cost("none")
+        record = {"layer": site.name, "op": site.node.op, "params": params, "macs": macs}
+        best = None
+        for fz in factorisers:
+            rank = self._rank(site, fz, budget)
+            if rank is None:
+                continue
+            p, m = site.cost(fz.mode, rank)
+            if self._saves(p, m, params, macs) and (best is None or m < best[0]):
+                best = (m, p, fz, rank)
+        if best is None:
+            record.update(mode="kept", why=self._why_kept(site, factorisers))
+            return Choice(site, None, record)
+        m, p, fz, rank = best
+        f = build(fz, rank, site.bias, moments[0] if moments else None)
+        record.update(mode=fz.mode, rank=rank, full_rank=fz.max_rank,
+                      rel_error=round(f.error, 5), params_after=p, macs_after=m)
+        return Choice(site, f, record)
+
+    def _rank(self, site: Site, fz, budget: float) -> int | None:
+        o = self.options
+        if o.rank_ratio is not None:
+            return max(1, math.ceil(o.rank_ratio * fz.max_rank))
+        if o.energy is not None:
+            return min(fz.energy_rank(o.energy), fz.max_rank)
+        return smallest_rank(fz.error, budget, min(self._max_saving_rank(site, fz.mode),
+                                                   fz.max_rank))
+
+    def _max_saving_rank(self, site: Site, mode: str) -> int:
+        """Largest rank that still saves ``svd_min_saving`` of params and MACs."""
+        keep = 1 - max(self.options.svd_min_saving, 1e-9)
+        p1, m1 = site.cost(mode, 1)
+        p0, m0 = site.cost("none")
+        return math.floor(min(keep * p0 / p1, keep * m0 / m1))
+
+    def _saves(self, p: int, m: int, p0: int, m0: int) -> bool:
+        keep = 1 - self.options.svd_min_saving
+        return p < p0 and m < m0 and p <= keep * p0 and m <= keep * m0
+
+    def _why_kept(self, site: Site, factorisers: list) -> str:
+        share = f"{self.options.svd_min_saving:.0%}"
+        if self.data_free:
+            return f"the chosen rank saves less than {share} of params and FLOPs"
+        if all(self._max_saving_rank(site, fz.mode) < 1 for fz in factorisers):
+            return f"no rank saves {share} of params and FLOPs"
+        return f"no rank saving {share} of params and FLOPs meets the error budget"
+
+    def _backoff(self, graph, sites, factorisers, moments, ctx, choices):
+        """Halve the per-layer budget until the split model agrees with the original on
+        the calibration data (see the module docstring)."""
+        original = gs.export_onnx(graph, do_type_check=False)
+        reference = ctx.evaluate(original)
+        budget = self.options.svd_error
+        for attempt in range(BACKOFF + 1):
+            if attempt:
+                budget /= 2
+                choices = self._choose_all(sites, factorisers, moments, budget)
+            metrics = validate.compare(reference, ctx.evaluate(_trial(original, choices)))
+            ctx.progress(f"svd-split: layer budget {budget:g}: calibration top-1 agreement "
+                         f"{metrics.top1_agreement}, cosine {metrics.cosine:.5f}")
+            if _acceptable(metrics, ctx):
+                break
+        return choices, budget
+
+
+def _acceptable(metrics: validate.Metrics, ctx: PassContext) -> bool:
+    """The calibration outputs keep half the budget's cosine loss and top-1 agreement of
+    at least 1 - 2 * max_top1_drop / 100 (or the budget's own agreement floor). The
+    calibration data has no labels, so agreement stands in for the top-1 drop: samples
+    flip both ways, the drop is a fraction of the disagreement."""
+    agree = metrics.top1_agreement
+    floor = ctx.budget.min_top1_agreement
+    if floor is None:
+        floor = 1 - 2 * ctx.budget.max_top1_drop / 100
+    cosine = (1 + ctx.budget.min_cosine) / 2
+    return metrics.cosine >= cosine and (agree is None or agree >= floor)
+
+
+def _trial(original, choices: list[Choice]):
+    """``original`` with ``choices`` installed, as a ModelProto (the graph is untouched)."""
+    graph = gs.import_onnx(original)
+    nodes = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
+    taken = taken_names(graph)
+    for c in choices:
+        if c.factors is not None:
+            site = dataclasses.replace(c.site, node=nodes[c.site.key])
+            rewrite.install(graph, site, c.factors, taken)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def _totals(choices: list[Choice]) -> dict[str, float]:
+    split = [c.record for c in choices if c.factors is not None]
+    kept = [c.record for c in choices if c.factors is None]
+    before_p = sum(r["params"] for r in split + kept)
+    before_m = sum(r["macs"] for r in split + kept)
+    after_p = sum(r["params_after"] for r in split) + sum(r["params"] for r in kept)
+    after_m = sum(r["macs_after"] for r in split) + sum(r["macs"] for r in kept)
+    return {"layers_split": len(split), "layers_kept": len(kept),
+            "site_params_before": before_p, "site_params_after": after_p,
+            "site_macs_before": before_m, "site_macs_after": after_m,
+            "macs_saved_fraction": round(1 - after_m / before_m, 4) if before_m else 0.0}

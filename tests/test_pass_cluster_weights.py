@@ -1,0 +1,275 @@
+"""cluster-weights: exact 1-D k-means, storage round trip, pruning, data-aware centroids.
+
+Tolerances are stated at each assertion. Decoded weights are compared bit for bit
+(tolerance 0) with the codebook entries the pass chose.
+"""
+
+import itertools
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_cnn import cli, model_io
+from onnxslim_cnn.config import Budget, Config, DataConfig
+from onnxslim_cnn.errors import PreconditionError
+from onnxslim_cnn.manager import compress, import_graph
+from onnxslim_cnn.passes.base import PassContext
+from onnxslim_cnn.passes.cluster import ClusterWeights, kmeans, refine, sites
+
+from .helpers import SHARED_MODELS, apply_pass, feeds, make_model, op_counts, rand, run
+
+# x[2,8,10,10] -> Conv(w1[16,8,3,3], b1, pad 1) -> Relu -> Conv(w2[32,16,3,3], stride 2)
+#   -> GlobalAveragePool -> Flatten -> Gemm(w3[32,10], transB=0) -> y[2,10]
+TEXT = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[2, 8, 10, 10] x) => (float[2, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv <strides = [2, 2]> (r1, w2)
+    p = GlobalAveragePool (c2)
+    f = Flatten (p)
+    y = Gemm (f, w3)
+}
+"""
+
+
+def weights(seed=0, zeros=0.0):
+    w = {"w1": rand((16, 8, 3, 3), seed, 0.3), "b1": rand((16,), seed + 1, 0.1),
+         "w2": rand((32, 16, 3, 3), seed + 2, 0.2), "w3": rand((32, 10), seed + 3, 0.3)}
+    if zeros:
+        for name in ("w1", "w2", "w3"):
+            mask = np.random.default_rng(seed + 9).random(w[name].shape) < zeros
+            w[name] = np.where(mask, 0, w[name]).astype(np.float32)
+    return w
+
+
+def model(seed=0, zeros=0.0):
+    return make_model(TEXT, weights(seed, zeros))
+
+
+def calib(m, count=4, seed=0, correlated=False):
+    batches = [feeds(m, seed + i) for i in range(count)]
+    if correlated:  # strongly correlated input channels: plain k-means is far from optimal
+        for b in batches:
+            x = b["x"]
+            b["x"] = (x[:, :1] * 2 + 0.3 * x + 1.0).astype(np.float32)
+    return batches
+
+
+def decoded_weights(m, names):
+    """The weights the clustered model's Conv/Gemm read, decoded by onnxruntime."""
+    readers = {n.op_type: [] for n in m.graph.node}
+    for node in m.graph.node:
+        readers[node.op_type].append(node.input[1] if len(node.input) > 1 else None)
+    tensors = readers["Conv"] + readers["Gemm"]
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.output[:]
+    for t in tensors:
+        out.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    values = run(out, feeds(m))
+    return dict(zip(names, (values[t] for t in tensors), strict=True))
+
+
+def sqnr(ref, got):
+    return 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2))
+
+
+def brute_force_sse(v, k):
+    v, best = np.sort(v), np.inf
+    for cuts in itertools.combinations(range(1, v.size), k - 1):
+        edges = [0, *cuts, v.size]
+        best = min(best, sum(((v[a:b] - v[a:b].mean()) ** 2).sum()
+                             for a, b in itertools.pairwise(edges)))
+    return best
+
+
+# -- k-means ----------------------------------------------------------------------------
+
+def test_kmeans_dynamic_programming_matches_brute_force_on_tiny_arrays():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(2, 9))
+        k = int(rng.integers(1, min(n, 4) + 1))
+        v = rng.standard_normal(n)
+        assert kmeans.sse(v, kmeans.optimal_1d(v, k)) == pytest.approx(
+            brute_force_sse(v, k), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("init", kmeans.INITS)
+def test_kmeans_lloyd_stops_at_fixed_point_near_the_optimum(init):
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        v = rng.standard_normal(60)
+        cent = kmeans.kmeans_rows(v[None], 4, init=init, seed=3)[0]
+        idx = kmeans.assign(v[None], cent[None])[0]
+        for j in np.unique(idx):  # every centroid is the mean of its cluster
+            assert cent[j] == pytest.approx(v[idx == j].mean(), rel=1e-9, abs=1e-12)
+        best = kmeans.sse(v, kmeans.optimal_1d(v, 4))
+        assert best <= kmeans.sse(v, cent) <= 1.25 * best  # Lloyd is a local optimum
+
+
+def test_kmeans_separated_clusters_found_exactly():
+    rng = np.random.default_rng(2)
+    v = np.concatenate([c + 0.01 * rng.standard_normal(20) for c in (-3.0, 0.5, 2.0, 7.0)])
+    for init in kmeans.INITS:
+        cent = kmeans.kmeans_rows(v[None], 4, init=init, seed=0)[0]
+        assert kmeans.sse(v, cent) == pytest.approx(kmeans.sse(v, kmeans.optimal_1d(v, 4)),
+                                                    rel=1e-12)
+
+
+def test_kmeans_rows_together_equal_rows_alone_and_are_deterministic():
+    rows = np.random.default_rng(3).standard_normal((6, 50)) * np.arange(1, 7)[:, None]
+    together = kmeans.kmeans_rows(rows, 8, init="kmeans++", seed=5)
+    again = kmeans.kmeans_rows(rows, 8, init="kmeans++", seed=5)
+    np.testing.assert_array_equal(together, again)  # tolerance 0: seeded
+    alone = np.concatenate([kmeans.kmeans_rows(r[None], 8, init="density") for r in rows])
+    np.testing.assert_allclose(kmeans.kmeans_rows(rows, 8, init="density"), alone,
+                               rtol=1e-12, atol=1e-12)
+
+
+# -- the pass ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_cluster_every_bit_width_round_trips_exactly(bits):
+    m = model()
+    out, result = apply_pass(ClusterWeights, m, {"bits": bits, "granularity": "channel"})
+    graph = import_graph(m)
+    found, _ = sites.find(graph)
+    got = decoded_weights(out, [s.key for s in found])
+    for site in found:
+        quad = refine.Quadratic(site.w2, None, False)
+        expect = sites.cluster(site, bits, True, quad)
+        idx, book = sites.stored_layout(site, expect)
+        want = np.take_along_axis(book, idx.reshape(idx.shape[0], -1), 1) \
+            if site.axis == 0 else book[np.arange(idx.shape[1])[None, :], idx]
+        np.testing.assert_array_equal(got[site.key], want.reshape(idx.shape))  # exact
+        per_channel = got[site.key].reshape(got[site.key].shape[0], -1) if site.axis == 0 \
+            else got[site.key].T
+        assert max(np.unique(r).size for r in per_channel) <= 2**bits
+    assert len(result.layers) == 3 and {r["bits"] for r in result.layers} == {bits}
+    assert op_counts(out)["Gather"] == 3
+    assert not {i.name for i in out.graph.initializer} & {"w1", "w2", "w3"}
+    if bits <= 4:  # the indices are ~bits/32 of the dense bytes; codebooks come on top
+        assert model_io.model_bytes(out) < model_io.model_bytes(m)
+
+
+def test_cluster_pruned_layers_keep_exact_zeros():
+    m = model(zeros=0.5)
+    dense = weights(zeros=0.5)
+    for bits in (1, 2, 4):
+        out, result = apply_pass(ClusterWeights, m, {"bits": bits},
+                                 PassContext(calib=calib(m)))
+        got = decoded_weights(out, ["c1", "c2", "y"])
+        for key, name in (("c1", "w1"), ("c2", "w2"), ("y", "w3")):
+            np.testing.assert_array_equal(got[key] == 0, dense[name] == 0)  # exact zeros
+        assert all(r["zeros_kept"] for r in result.layers)
+
+
+def test_cluster_close_to_float_under_onnxruntime():
+    m = model()
+    out, result = apply_pass(ClusterWeights, m, {"bits": 6}, PassContext(calib=calib(m)))
+    feed = feeds(m, seed=99)  # not a calibration batch
+    ref, got = run(m, feed)["y"], run(out, feed)["y"]
+    assert sqnr(ref, got) > 25  # dB; 6-bit codebooks measure ~35 dB here
+    np.testing.assert_allclose(got, ref, rtol=0, atol=0.05 * np.abs(ref).max())
+    assert result.stats["layers_clustered"] == 3
+    assert all(r["sqnr_db"] > 25 for r in result.layers)
+
+
+def test_cluster_refinement_lowers_output_error():
+    m = model(seed=4)
+    data = calib(m, count=6, correlated=True)
+    outs = {}
+    for aware in (False, True):
+        out, result = apply_pass(ClusterWeights, m, {"bits": 3, "data_aware": aware},
+                                 PassContext(calib=data))
+        outs[aware] = (out, result)
+    plain, smart = outs[False][1], outs[True][1]
+    assert smart.stats["mean_refine_gain_db"] > 0.5 and plain.stats["mean_refine_gain_db"] == 0
+    assert all(s["sqnr_db"] >= p["sqnr_db"] for s, p in zip(smart.layers, plain.layers,
+                                                            strict=True))
+    x = data[0]  # the refinement's own target: error of the first layer's output on calib data
+    probe = onnx.ModelProto()
+    for aware, (out, _) in outs.items():
+        probe.CopyFrom(out)
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info("c1"))
+        outs[aware] = run(probe, x)["c1"]
+    probe.CopyFrom(m)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info("c1"))
+    ref = run(probe, x)["c1"]
+    assert sqnr(ref, outs[True]) > sqnr(ref, outs[False]) + 0.5  # dB
+
+
+def test_cluster_second_run_changes_nothing_and_runs_are_deterministic():
+    m = model()
+    ctx = PassContext(calib=calib(m))
+    first, _ = apply_pass(ClusterWeights, m, {"bits": 3}, ctx)
+    again, _ = apply_pass(ClusterWeights, m, {"bits": 3}, PassContext(calib=calib(m)))
+    assert first.SerializeToString() == again.SerializeToString()
+    _, second = apply_pass(ClusterWeights, first, {"bits": 3}, ctx)
+    assert not second.changed
+    assert second.declined["weight is not a constant (already encoded?)"] == 3
+
+
+def test_cluster_shared_and_tiny_weights_declines():
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[1, 4, 5, 5] x) => (float[1, 4, 5, 5] y, float[1, 2, 5, 5] z) {
+        a = Conv (x, w)
+        y = Conv (a, w)
+        z = Conv (x, t)
+    }
+    """
+    m = make_model(text, {"w": rand((4, 4, 1, 1), 0), "t": rand((2, 4, 1, 1), 1)})
+    out, result = apply_pass(ClusterWeights, m, {"bits": 4})
+    assert not result.changed
+    assert result.declined == {"weight is shared by several nodes": 2,
+                               "encoding would not make the file smaller": 1}
+    assert out.graph.initializer[0].name in {"w", "t"} and len(out.graph.initializer) == 2
+
+
+def test_cluster_size_budget_mixes_bits_within_budget():
+    m = model()
+    out, result = apply_pass(ClusterWeights, m, {"avg_bits": 4.0},
+                             PassContext(calib=calib(m)))
+    assert result.stats["avg_bits"] <= 4.0 * 1.05  # shape constants are not budgeted
+    assert len({(r["bits"], r["codebook"]) for r in result.layers}) > 1
+    strict, _ = apply_pass(ClusterWeights, m, {"min_sqnr_db": 30.0},
+                           PassContext(calib=calib(m)))
+    assert all(r["sqnr_db"] >= 30 for r in _.layers)
+
+
+@pytest.mark.parametrize("options", [{"bits": 9}, {"bits": 4, "avg_bits": 4.0},
+                                     {"kmeans_init": "random"}, {"granularity": "row"}])
+def test_cluster_bad_options_declines(options):
+    with pytest.raises(PreconditionError):
+        ClusterWeights(options).check(import_graph(model()), PassContext())
+
+
+def test_cluster_cli_options_reach_the_pass(tmp_path):
+    src, dst, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(model(), src)
+    code = cli.main([str(src), str(dst), "--passes", "cluster-weights", "--bits", "3",
+                     "--granularity", "tensor", "--no-refine", "--quiet", "--min-cosine", "0",
+                     "--report", str(report)])
+    assert code == 0
+    layers = json.loads(report.read_text())["passes"][0]["layers"]
+    assert {(r["bits"], r["codebook"], r["refined"]) for r in layers} == {(3, "tensor", False)}
+
+
+def test_cluster_resnet8_real_images_keep_top1(tmp_path):
+    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
+    data = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
+    if not path.is_file() or not data.is_dir():
+        pytest.skip("shared resnet8 or CIFAR-10 images not available")
+    config = Config(passes=("fold-bn", "cluster-weights"), options={"bits": 6},
+                    data=DataConfig(path=data, calib_count=32, val_count=200),
+                    budget=Budget(max_top1_drop=100, min_cosine=0))
+    report = compress(path, tmp_path / "c.onnx", config)
+    record = report.passes[-1]
+    assert record.status == "applied"
+    assert record.metrics["top1_agreement"] >= 0.95  # 6-bit codebooks: ~0.97 measured
+    assert report.size_out < report.size_in / 3

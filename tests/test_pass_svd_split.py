@@ -1,0 +1,228 @@
+"""svd-split on tiny graphs: exact reconstruction, geometry variants, declines, rank choice.
+
+Tolerances: a split at the weight's own rank reproduces the layer up to float32 rounding
+of the factors and of the two sums: rtol=atol=1e-4 on outputs of magnitude ~10. The
+data-aware budget is checked on the calibration data itself, where the predicted
+relative output error is exact (every patch is sampled), to 1e-3 relative.
+"""
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxslim_cnn import validate
+from onnxslim_cnn.errors import PreconditionError
+from onnxslim_cnn.manager import export_graph, import_graph
+from onnxslim_cnn.passes.base import PassContext, taken_names
+from onnxslim_cnn.passes.svd import SvdSplit, factor, rewrite
+from onnxslim_cnn.passes.svd.site import find_site
+
+from .helpers import apply_pass, assert_same_outputs, make_model, op_counts, rand
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+# x -> Conv(W, B) -> y, geometry from the attribute string
+CONV = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, {cin}, 11, 10] x) => (float[N, {cout}, H, W] y) {{
+    y = Conv <{attrs}> (x, {inputs})
+}}
+"""
+GEOMETRY = {
+    "plain": "pads = [0, 0, 0, 0]",
+    "padded": "pads = [1, 1, 1, 1]",
+    "stride-asym-pads": "strides = [2, 2], pads = [1, 2, 0, 1]",
+    "dilated": "dilations = [2, 1], pads = [2, 0, 1, 1]",
+    "stride-1x2-dilated": "strides = [1, 2], dilations = [1, 2], pads = [0, 2, 0, 2]",
+}
+
+
+def conv_model(attrs: str, weight: np.ndarray, bias: bool = True, seed: int = 3):
+    cout, cin = weight.shape[:2]
+    inputs = "w, b" if bias else "w"
+    weights = {"w": weight, **({"b": rand((cout,), seed)} if bias else {})}
+    return make_model(CONV.format(cin=cin, cout=cout, attrs=attrs, inputs=inputs), weights)
+
+
+def low_rank(cout: int, cin: int, rank: int, seed: int = 0) -> np.ndarray:
+    """A conv weight W[o] = sum_r B[o, r] A[r] of channel rank ``rank``."""
+    return np.einsum("or,rcyx->ocyx", rand((cout, rank), seed),
+                     rand((rank, cin, 3, 3), seed + 1)).astype(np.float32)
+
+
+def split_at(model, mode: str, rank: int):
+    """``model``'s only layer replaced by its ``mode`` factors at ``rank`` (no saving
+    check: full rank is allowed)."""
+    graph = import_graph(model)
+    site = find_site(graph.nodes[0])
+    fz = factor.Channel(site.matrix, None) if mode == "channel" else \
+        factor.Spatial(site.matrix, site.c_in, site.kernel, None)
+    rewrite.install(graph, site, factor.build(fz, rank, site.bias, None), taken_names(graph))
+    graph.cleanup().toposort()
+    return export_graph(graph, model), fz
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+@pytest.mark.parametrize("geometry", sorted(GEOMETRY))
+def test_svd_split_full_rank_reconstructs_exactly(mode, geometry):
+    model = conv_model(GEOMETRY[geometry], rand((6, 5, 3, 3), 1), bias=geometry != "plain")
+    full = 6 if mode == "channel" else 15  # min(C_out, C_in*k*k) / min(C_in*k, C_out*k)
+    out, fz = split_at(model, mode, full)
+    assert fz.max_rank == full and fz.error(full) < 1e-6
+    assert op_counts(out) == {"Conv": 2}
+    kernels = [list(next(a.ints for a in n.attribute if a.name == "kernel_shape"))
+               for n in out.graph.node]
+    assert kernels == ([[3, 3], [1, 1]] if mode == "channel" else [[3, 1], [1, 3]])
+    assert_same_outputs(model, out, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+@pytest.mark.parametrize("geometry", ["padded", "stride-asym-pads", "dilated"])
+def test_svd_split_low_rank_conv_splits_exactly_and_saves(mode, geometry):
+    # channel rank 3 -> spatial rank <= 3 * k = 9
+    model = conv_model(GEOMETRY[geometry], low_rank(24, 8, 3))
+    out, result = apply_pass(SvdSplit, model, {"energy": 1 - 1e-9, "svd_mode": mode})
+    (record,) = result.layers
+    assert record["mode"] == mode and record["rank"] == (3 if mode == "channel" else 9)
+    assert record["params_after"] < 0.6 * record["params"]
+    assert record["macs_after"] < 0.7 * record["macs"]
+    assert op_counts(out) == {"Conv": 2}
+    assert sum(i.dims[0] * np.prod(i.dims[1:]) for i in out.graph.initializer) == \
+        record["params_after"] + 24  # + the bias
+    assert_same_outputs(model, out, **TOL)
+
+
+def test_svd_split_auto_picks_fewest_macs():
+    # 3x3, 8 -> 24 of channel rank 3: channel costs 3*(72+24) MACs per position,
+    # spatial 9*(8*3+24*3): channel wins
+    model = conv_model(GEOMETRY["padded"], low_rank(24, 8, 3))
+    _, result = apply_pass(SvdSplit, model, {"energy": 1 - 1e-9})
+    assert result.layers[0]["mode"] == "channel"
+
+
+def test_svd_split_depthwise_declines():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4, 8, 8] x) => (float[1, 4, 6, 6] y) { y = Conv <group = 4> (x, w) }"""
+    model = make_model(text, {"w": rand((4, 1, 3, 3), 0)})
+    out, result = apply_pass(SvdSplit, model, {"rank_ratio": 0.25})
+    assert not result.changed and result.declined == {"depthwise conv": 1}
+    assert op_counts(out) == {"Conv": 1}
+
+
+def test_svd_split_grouped_declines():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4, 8, 8] x) => (float[1, 8, 6, 6] y) { y = Conv <group = 2> (x, w) }"""
+    model = make_model(text, {"w": rand((8, 2, 3, 3), 0)})
+    _, result = apply_pass(SvdSplit, model, {"rank_ratio": 0.25})
+    assert not result.changed and result.declined == {"grouped conv (group > 1)": 1}
+
+
+def test_svd_split_no_saving_declines():
+    # 1x1, 4 -> 4: any rank r costs 8r >= 16 only below r = 2; ratio 1 gives r = 4
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) { y = Conv (x, w) }"""
+    model = make_model(text, {"w": rand((4, 4, 1, 1), 0)})
+    out, result = apply_pass(SvdSplit, model, {"rank_ratio": 1.0})
+    assert not result.changed and sum(result.declined.values()) == 1
+    assert "saves less than" in next(iter(result.declined))
+    assert result.layers[0]["mode"] == "kept" and op_counts(out) == {"Conv": 1}
+
+
+GEMM = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 40] x) => (float[N, 30] y) {{ y = {op} (x, {inputs}) }}
+"""
+
+
+@pytest.mark.parametrize("op, inputs, transposed", [
+    ("Gemm <alpha = 0.5, beta = 2.0>", "w, c", False),
+    ("Gemm <transB = 1>", "w, c", True),
+    ("MatMul", "w", False)])
+def test_svd_split_gemm_low_rank_splits_exactly(op, inputs, transposed):
+    w = (rand((40, 4), 0) @ rand((4, 30), 1)).astype(np.float32)  # rank 4
+    weights = {"w": w.T.copy() if transposed else w, "c": rand((30,), 2)}
+    model = make_model(GEMM.format(op=op, inputs=inputs),
+                       {k: v for k, v in weights.items() if k in inputs})
+    out, result = apply_pass(SvdSplit, model, {"energy": 1 - 1e-9})
+    assert result.layers[0]["rank"] == 4
+    assert op_counts(out) == {op.split()[0]: 2}
+    assert result.stats["site_params_after"] == 4 * (40 + 30)
+    assert_same_outputs(model, out, **TOL)
+
+
+# x (8 channels, but spanned by one channel plus 1% noise) -> Conv 3x3 8 -> 32 -> y
+DATA_CONV = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 8, 8, 8] x) => (float[N, 32, 8, 8] y) { y = Conv <pads = [1, 1, 1, 1]> (x, w, b) }
+"""
+
+
+def low_dim_batches(count: int = 3, seed: int = 10) -> list[dict[str, np.ndarray]]:
+    mix = rand((8,), seed)
+    out = []
+    for i in range(count):
+        z = rand((2, 1, 8, 8), seed + 1 + i)
+        x = z * mix[None, :, None, None] + rand((2, 8, 8, 8), seed + 50 + i, 0.01) + 0.5
+        out.append({"x": x.astype(np.float32)})
+    return out
+
+
+def rel_output_error(model, out, batches) -> float:
+    ref = np.concatenate([validate.run_model(model, [b])["y"] for b in batches])
+    got = np.concatenate([validate.run_model(out, [b])["y"] for b in batches])
+    centred = ref - ref.mean(axis=(0, 2, 3), keepdims=True)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(centred))
+
+
+def test_svd_split_data_aware_picks_smallest_rank_within_budget():
+    model = make_model(DATA_CONV, {"w": rand((32, 8, 3, 3), 0), "b": rand((32,), 1)})
+    batches = low_dim_batches()
+    _, free = apply_pass(SvdSplit, model, {"energy": 1 - 0.05**2, "svd_mode": "channel"})
+    assert not free.changed  # data-free: a random W needs almost full rank
+    out, result = apply_pass(SvdSplit, model, {"svd_error": 0.05, "svd_mode": "channel"},
+                             PassContext(calib=batches))
+    (record,) = result.layers
+    site = find_site(import_graph(model).nodes[0])
+    free_rank = factor.Channel(site.matrix, None).energy_rank(1 - 0.05**2)
+    assert record["mode"] == "channel" and record["rank"] <= free_rank / 2
+    error = rel_output_error(model, out, batches)
+    assert error <= 0.05 * (1 + 1e-3)
+    assert error == pytest.approx(record["rel_error"], rel=1e-3, abs=1e-4)
+    assert op_counts(out) == {"Conv": 2}
+    # minimal: one rank less breaks the budget
+    one_less = _split_model(model, batches, record["rank"] - 1)
+    assert rel_output_error(model, one_less, batches) > 0.05
+
+
+def _split_model(model, batches, rank):
+    from onnxslim_cnn.passes.svd import stats
+
+    graph = import_graph(model)
+    site = find_site(graph.nodes[0])
+    mean, sigma = stats.collect(model, [site], batches, 0)[site.key]
+    fz = factor.Channel(site.matrix, sigma)
+    rewrite.install(graph, site, factor.build(fz, rank, site.bias, mean), taken_names(graph))
+    graph.cleanup().toposort()
+    return export_graph(graph, model)
+
+
+def test_svd_split_backoff_halves_budget_until_calibration_agrees():
+    model = make_model(DATA_CONV, {"w": rand((32, 8, 3, 3), 0), "b": rand((32,), 1)})
+    batches = low_dim_batches()
+    ctx = PassContext(calib=batches, evaluate=lambda m: validate.run_model(m, batches))
+    out, result = apply_pass(SvdSplit, model, {"svd_error": 0.4}, ctx)
+    assert result.stats["layer_error_budget"] < 0.4
+    metrics = validate.compare(ctx.evaluate(model), ctx.evaluate(out))
+    assert metrics.cosine >= (1 + ctx.budget.min_cosine) / 2
+    assert result.changed and op_counts(out) == {"Conv": 2}
+
+
+@pytest.mark.parametrize("options", [{"rank_ratio": 1.5}, {"energy": 0.0},
+                                     {"rank_ratio": 0.5, "energy": 0.9}, {"svd_mode": "x"}])
+def test_svd_split_bad_options_declines(options):
+    graph = gs.import_onnx(conv_model(GEOMETRY["plain"], rand((6, 5, 3, 3), 1)))
+    with pytest.raises(PreconditionError):
+        SvdSplit(options).check(graph, PassContext())
