@@ -19,7 +19,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import (
-    Pass, PassContext, PassResult, const_value, detach, register, take_over_name, taken_names,
+    Pass,
+    PassContext,
+    PassResult,
+    const_value,
+    detach,
+    register,
+    take_over_name,
+    taken_names,
 )
 
 
