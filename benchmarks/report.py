@@ -136,7 +136,7 @@ def _model_section(model: dict, plot: Path | None, out: Path) -> list[str]:
         if row["status"] == "ok":
             lines.append("| " + " | ".join(fmt(row) for _, fmt in COLUMNS) + " |")
     notes = [_note(row) for row in model["rows"] if row["status"] != "ok" or row["notes"]]
-    notes += _identical(model["rows"]) + _best_static(model["rows"])
+    notes += _identical(model["rows"]) + _best_static(model["rows"]) + _summary(model["rows"])
     lines += [""] + notes if notes else []
     if plot is not None:
         lines += ["", f"![{model['name']}: size vs Δtop-1]({plot.relative_to(out)})"]
@@ -178,6 +178,45 @@ def _best_static(rows: list[dict]) -> list[str]:
                                       r["cosine"]))
     return [f"- best onnxruntime static calibration here (by Δtop-1, then agreement; "
             f"picked on the validation set itself): **{best['label']}**"]
+
+
+# Which of our configurations each peer is compared with in the summary line.
+PEER_COUNTERPART = {"onnxslim": "ours-lossless"}
+DEFAULT_COUNTERPART = "ours-int8"
+CRITERIA = (  # name, value of a row, True when larger is better, format, noise level
+    ("Δtop-1", lambda r: r.get("delta_top1"), True, "{:+.1f} pt", 0.5),
+    ("agreement", lambda r: r.get("top1_agreement"), True, "{:.1%}", 0.005),
+    ("size", lambda r: r.get("size_ratio"), False, "{:.3f}×", 0.002),
+    ("latency", lambda r: r.get("latency", {}).get("1", {}).get("ratio"), False, "{:.2f}×",
+     0.05),
+)
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """One line per peer: where our counterpart configuration is ahead and behind."""
+    ours = {r["tool"]: r for r in rows if r["status"] == "ok" and r["tool"].startswith("ours")}
+    lines = []
+    for peer in (r for r in rows if r["status"] == "ok" and not r["tool"].startswith(
+            ("ours", "fp32"))):
+        mine = ours.get(PEER_COUNTERPART.get(peer["tool"], DEFAULT_COUNTERPART))
+        if mine is None:
+            continue
+        ahead, behind = _compare(mine, peer)
+        lines.append(f"- summary **{mine['label']} vs {peer['label']}** (1 thread latency; "
+                     f"differences within noise count as level): ahead on "
+                     f"{', '.join(ahead) or 'nothing'}; behind on {', '.join(behind) or 'nothing'}")
+    return lines
+
+
+def _compare(mine: dict, peer: dict) -> tuple[list[str], list[str]]:
+    ahead, behind = [], []
+    for name, get, larger_better, spec, noise in CRITERIA:
+        a, b = get(mine), get(peer)
+        if a is None or b is None or abs(a - b) <= noise:
+            continue
+        text = f"{name} ({spec.format(a + 0.0)} vs {spec.format(b + 0.0)})"
+        (ahead if (a > b) == larger_better else behind).append(text)
+    return ahead, behind
 
 
 def _note(row: dict) -> str:

@@ -16,6 +16,7 @@ with the reason, never an error.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -46,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 TOOLS: dict[str, Tool] = {
     "fp32": ORIGINAL,
     "ours-lossless": ours(),  # the default preset
-    "ours-qdq": ours("fold-bn,qdq-int8"),
+    "ours-int8": ours(None, "--preset", "int8"),
     "ort-static-minmax": peer("ort-static", "--method", "minmax"),
     "ort-static-percentile": peer("ort-static", "--method", "percentile"),
     "ort-static-entropy": peer("ort-static", "--method", "entropy"),
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-count", type=int, help="validation images (default 300; quick 50)")
     p.add_argument("--latency-runs", type=int, help="timed rounds (default 30; quick 8)")
     p.add_argument("--out", type=Path, default=HERE, help="output folder (default benchmarks/)")
+    p.add_argument("--render", help="comma-separated results.json files of earlier runs: "
+                   "merge them (rows per model, commands listed) and rewrite RESULTS.md, "
+                   "results.json and plots without measuring anything")
     return p
 
 
@@ -152,6 +156,11 @@ def bench_tool(tool: str, run: ToolRun, ref: measure.Reference, timing: measure.
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.render:
+        results = merge([json.loads(Path(p).read_text()) for p in args.render.split(",")])
+        written = report.write_all(results, args.out)
+        print(f"[bench] wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
+        return 0
     settings = settings_from(args)
     registered = registered_passes()
     with tempfile.TemporaryDirectory(prefix="onnxslim-bench-") as tmp:
@@ -161,6 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     written = report.write_all(results, args.out)
     print(f"[bench] wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
     return 0
+
+
+def merge(runs: list[dict]) -> dict:
+    """One result set from several runs: each model's rows in run order (a tool measured
+    again in a later run replaces its earlier row); every run's command is kept."""
+    models: dict[str, dict] = {}
+    for run in runs:
+        for model in run["models"]:
+            kept = models.setdefault(model["name"], dict(model, rows=[]))
+            tools = {r["tool"]: i for i, r in enumerate(kept["rows"])}
+            for row in model["rows"]:
+                if row["tool"] in tools:
+                    kept["rows"][tools[row["tool"]]] = row
+                else:
+                    kept["rows"].append(row)
+    meta = dict(runs[0]["meta"])
+    meta["command"] = " ; ".join(dict.fromkeys(r["meta"]["command"] for r in runs))
+    return {"meta": meta, "models": list(models.values())}
 
 
 def _meta(argv: list[str], settings: Settings) -> dict:

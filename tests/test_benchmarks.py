@@ -148,3 +148,26 @@ def test_run_measured_peak_memory_is_the_child_own():
     assert ballast.sum() > 0
     assert small[0] == 0 and big[0] == 0
     assert small[3] < 100 < 200 < big[3] < 300, (small, big)
+
+
+def test_benchmarks_merge_and_summary_lines():
+    from benchmarks import report
+    from benchmarks.run import merge
+
+    def row(tool, **values):
+        return {"tool": tool, "label": tool, "status": "ok", "notes": [], **values}
+
+    first = {"meta": {"command": "run A"}, "models": [{"name": "m", "rows": [
+        row("fp32", size_ratio=1.0), row("ours-int8", size_ratio=0.26, delta_top1=0.0,
+                                         top1_agreement=0.99)]}]}
+    second = {"meta": {"command": "run B"}, "models": [{"name": "m", "rows": [
+        row("ort-static-minmax", size_ratio=0.27, delta_top1=-3.7, top1_agreement=0.89),
+        row("ours-int8", size_ratio=0.25, delta_top1=0.0, top1_agreement=0.99)]}]}
+    merged = merge([first, second])
+    assert merged["meta"]["command"] == "run A ; run B"
+    rows = merged["models"][0]["rows"]
+    assert [r["tool"] for r in rows] == ["fp32", "ours-int8", "ort-static-minmax"]
+    assert rows[1]["size_ratio"] == 0.25  # the later measurement replaces the earlier
+    (line,) = report._summary(rows)
+    assert "ahead on Δtop-1 (+0.0 pt vs -3.7 pt), agreement (99.0% vs 89.0%)" in line
+    assert "size (0.250× vs 0.270×)" in line and line.endswith("behind on nothing")

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_cnn import cli, model_io
+from onnxslim_cnn import cli
 from onnxslim_cnn.config import Budget, Config, DataConfig
 from onnxslim_cnn.errors import PreconditionError
 from onnxslim_cnn.manager import compress, import_graph
@@ -21,10 +21,10 @@ from onnxslim_cnn.passes.cluster import ClusterWeights, kmeans, refine, sites
 from .helpers import SHARED_MODELS, apply_pass, feeds, make_model, op_counts, rand, run
 
 # x[2,8,10,10] -> Conv(w1[16,8,3,3], b1, pad 1) -> Relu -> Conv(w2[32,16,3,3], stride 2)
-#   -> GlobalAveragePool -> Flatten -> Gemm(w3[32,10], transB=0) -> y[2,10]
+#   -> GlobalAveragePool -> Flatten -> Gemm(w3[32,64], transB=0) -> y[2,64]
 TEXT = """
 <ir_version: 8, opset_import: ["" : 14]>
-g (float[2, 8, 10, 10] x) => (float[2, 10] y) {
+g (float[2, 8, 10, 10] x) => (float[2, 64] y) {
     c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
     r1 = Relu (c1)
     c2 = Conv <strides = [2, 2]> (r1, w2)
@@ -37,7 +37,7 @@ g (float[2, 8, 10, 10] x) => (float[2, 10] y) {
 
 def weights(seed=0, zeros=0.0):
     w = {"w1": rand((16, 8, 3, 3), seed, 0.3), "b1": rand((16,), seed + 1, 0.1),
-         "w2": rand((32, 16, 3, 3), seed + 2, 0.2), "w3": rand((32, 10), seed + 3, 0.3)}
+         "w2": rand((32, 16, 3, 3), seed + 2, 0.2), "w3": rand((32, 64), seed + 3, 0.3)}
     if zeros:
         for name in ("w1", "w2", "w3"):
             mask = np.random.default_rng(seed + 9).random(w[name].shape) < zeros
@@ -99,7 +99,7 @@ def test_kmeans_dynamic_programming_matches_brute_force_on_tiny_arrays():
 
 
 @pytest.mark.parametrize("init", kmeans.INITS)
-def test_kmeans_lloyd_stops_at_fixed_point_near_the_optimum(init):
+def test_kmeans_lloyd_stops_at_a_fixed_point(init):
     rng = np.random.default_rng(1)
     for _ in range(10):
         v = rng.standard_normal(60)
@@ -107,8 +107,9 @@ def test_kmeans_lloyd_stops_at_fixed_point_near_the_optimum(init):
         idx = kmeans.assign(v[None], cent[None])[0]
         for j in np.unique(idx):  # every centroid is the mean of its cluster
             assert cent[j] == pytest.approx(v[idx == j].mean(), rel=1e-9, abs=1e-12)
-        best = kmeans.sse(v, kmeans.optimal_1d(v, 4))
-        assert best <= kmeans.sse(v, cent) <= 1.25 * best  # Lloyd is a local optimum
+        # a local optimum: never below the global one (linear init, for one, can stop
+        # 40 % above it on a normal sample with an outlier)
+        assert kmeans.sse(v, kmeans.optimal_1d(v, 4)) <= kmeans.sse(v, cent) * (1 + 1e-12)
 
 
 def test_kmeans_separated_clusters_found_exactly():
@@ -134,26 +135,30 @@ def test_kmeans_rows_together_equal_rows_alone_and_are_deterministic():
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_cluster_every_bit_width_round_trips_exactly(bits):
+    per_channel = bits <= 4  # per-channel 5-8 bit codebooks outweigh these small layers
     m = model()
-    out, result = apply_pass(ClusterWeights, m, {"bits": bits, "granularity": "channel"})
-    graph = import_graph(m)
-    found, _ = sites.find(graph)
+    out, result = apply_pass(ClusterWeights, m, {
+        "bits": bits, "granularity": "channel" if per_channel else "tensor"})
+    found, _ = sites.find(import_graph(m))
     got = decoded_weights(out, [s.key for s in found])
     for site in found:
-        quad = refine.Quadratic(site.w2, None, False)
-        expect = sites.cluster(site, bits, True, quad)
+        expect = sites.cluster(site, bits, per_channel, refine.Quadratic(site.w2, None, False))
         idx, book = sites.stored_layout(site, expect)
-        want = np.take_along_axis(book, idx.reshape(idx.shape[0], -1), 1) \
-            if site.axis == 0 else book[np.arange(idx.shape[1])[None, :], idx]
+        if not per_channel:
+            want = book[idx]
+        elif site.axis == 0:
+            want = np.take_along_axis(book, idx.reshape(idx.shape[0], -1), 1)
+        else:
+            want = book[np.arange(idx.shape[1])[None, :], idx]
         np.testing.assert_array_equal(got[site.key], want.reshape(idx.shape))  # exact
-        per_channel = got[site.key].reshape(got[site.key].shape[0], -1) if site.axis == 0 \
-            else got[site.key].T
-        assert max(np.unique(r).size for r in per_channel) <= 2**bits
-    assert len(result.layers) == 3 and {r["bits"] for r in result.layers} == {bits}
+    assert [r["layer"] for r in result.layers] == ["c1", "c2", "y"]
+    assert {(r["bits"], r["codebook"]) for r in result.layers} == {
+        (bits, "channel" if per_channel else "tensor")}
     assert op_counts(out)["Gather"] == 3
     assert not {i.name for i in out.graph.initializer} & {"w1", "w2", "w3"}
-    if bits <= 4:  # the indices are ~bits/32 of the dense bytes; codebooks come on top
-        assert model_io.model_bytes(out) < model_io.model_bytes(m)
+    packed = sum(i.raw_data.__len__() for i in out.graph.initializer if "packed" in i.name)
+    weights_count = sum(s.size for s in found)
+    assert weights_count * bits / 8 <= packed <= weights_count * bits / 8 + 3 * 3  # bytes
 
 
 def test_cluster_pruned_layers_keep_exact_zeros():
@@ -163,6 +168,7 @@ def test_cluster_pruned_layers_keep_exact_zeros():
         out, result = apply_pass(ClusterWeights, m, {"bits": bits},
                                  PassContext(calib=calib(m)))
         got = decoded_weights(out, ["c1", "c2", "y"])
+        assert len(result.layers) == 3
         for key, name in (("c1", "w1"), ("c2", "w2"), ("y", "w3")):
             np.testing.assert_array_equal(got[key] == 0, dense[name] == 0)  # exact zeros
         assert all(r["zeros_kept"] for r in result.layers)
@@ -184,7 +190,8 @@ def test_cluster_refinement_lowers_output_error():
     data = calib(m, count=6, correlated=True)
     outs = {}
     for aware in (False, True):
-        out, result = apply_pass(ClusterWeights, m, {"bits": 3, "data_aware": aware},
+        out, result = apply_pass(ClusterWeights, m, {"bits": 3, "data_aware": aware,
+                                                     "granularity": "channel"},
                                  PassContext(calib=data))
         outs[aware] = (out, result)
     plain, smart = outs[False][1], outs[True][1]
@@ -237,9 +244,10 @@ def test_cluster_size_budget_mixes_bits_within_budget():
                              PassContext(calib=calib(m)))
     assert result.stats["avg_bits"] <= 4.0 * 1.05  # shape constants are not budgeted
     assert len({(r["bits"], r["codebook"]) for r in result.layers}) > 1
-    strict, _ = apply_pass(ClusterWeights, m, {"min_sqnr_db": 30.0},
+    _, strict = apply_pass(ClusterWeights, m, {"min_sqnr_db": 30.0},
                            PassContext(calib=calib(m)))
-    assert all(r["sqnr_db"] >= 30 for r in _.layers)
+    assert all(r["sqnr_db"] >= 30 for r in strict.layers)
+    assert max(r["bits"] for r in strict.layers) > max(r["bits"] for r in result.layers)
 
 
 @pytest.mark.parametrize("options", [{"bits": 9}, {"bits": 4, "avg_bits": 4.0},

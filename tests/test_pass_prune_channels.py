@@ -1,0 +1,191 @@
+"""prune-channels: coupling (residual Add, depthwise, Flatten -> Gemm), exactness against
+the masked model, declines with reasons, least-squares recovery."""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_cnn.manager import export_graph, import_graph
+from onnxslim_cnn.passes.base import PassContext
+from onnxslim_cnn.passes.prune.channels import PruneChannels, mask
+
+from .helpers import apply_pass, make_model, rand, run
+
+# Every comparison against the masked model: float32, only the summation order
+# differs, so rtol 1e-5 with atol 1e-5 relative to outputs of order 1.
+RTOL = ATOL = 1e-5
+
+
+def weight_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return {n.name or n.output[0]: inits[n.input[1]] for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm") and n.input[1] in inits}
+
+
+def masked_model(model: onnx.ModelProto, result) -> onnx.ModelProto:
+    graph = import_graph(model)
+    assert mask(graph, {r["layer"]: r["removed"] for r in result.layers}) == len(result.layers)
+    return export_graph(graph, model)
+
+
+def check_exact(model, options=None, shape=(4, 4, 8, 8)):
+    """Prune without recovery; assert it equals the masked original. Returns (out, result)."""
+    out, result = apply_pass(PruneChannels, model, {"recovery": False, **(options or {})})
+    assert result.changed
+    feed = {"x": rand(shape, 42)}
+    ref = run(masked_model(model, result), feed)["y"]
+    np.testing.assert_allclose(run(out, feed)["y"], ref, rtol=RTOL, atol=ATOL)
+    assert not np.allclose(ref, run(model, feed)["y"], rtol=1e-3, atol=1e-3)  # not a no-op
+    return out, result
+
+
+#  x -> A -> BN -> Relu -> B -> y
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4, 8, 8] x) => (float[N, 6, 8, 8] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, wa, ba)
+    n = BatchNormalization (a, s, t, m, v)
+    r = Relu (n)
+    y = Conv <pads = [1, 1, 1, 1]> (r, wb, bb)
+}
+"""
+
+
+def test_prune_channels_conv_bn_relu_conv_equals_masked():
+    model = make_model(CHAIN, {
+        "wa": rand((8, 4, 3, 3), 1, 0.3), "ba": rand((8,), 2, 0.1),
+        "s": rand((8,), 3, 0.3) + 1, "t": rand((8,), 4, 0.1), "m": rand((8,), 5, 0.1),
+        "v": np.abs(rand((8,), 6)) + 0.5,
+        "wb": rand((6, 8, 3, 3), 7, 0.3), "bb": rand((6,), 8, 0.1)})
+    out, result = check_exact(model, {"channel_ratio": 0.25, "channel_score": "l2"})
+    assert weight_shapes(out) == {"a": (6, 4, 3, 3), "y": (6, 6, 3, 3)}
+    bn = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    assert [bn[n] for n in next(n for n in out.graph.node if n.op_type ==
+                                "BatchNormalization").input[1:]] == [(6,)] * 4
+    assert result.stats["channels_removed"] == 2
+
+
+#      x -> A -> Relu -> B -> Add -> Relu -> C -> y
+#                  \_____________/^   (the residual: A's and B's channels are one space)
+RESIDUAL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4, 8, 8] x) => (float[N, 5, 8, 8] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, wa, ba)
+    r = Relu (a)
+    b = Conv <pads = [1, 1, 1, 1]> (r, wb, bb)
+    s = Add (b, r)
+    q = Relu (s)
+    y = Conv (q, wc, bc)
+}
+"""
+
+
+def test_prune_channels_residual_add_prunes_both_branches_together():
+    model = make_model(RESIDUAL, {
+        "wa": rand((8, 4, 3, 3), 1, 0.3), "ba": rand((8,), 2, 0.1),
+        "wb": rand((8, 8, 3, 3), 3, 0.2), "bb": rand((8,), 4, 0.1),
+        "wc": rand((5, 8, 1, 1), 5, 0.3), "bc": rand((5,), 6, 0.1)})
+    out, result = check_exact(model, {"channel_ratio": 0.5, "channel_score": "l1"})
+    assert [r["layer"] for r in result.layers] == ["a,b"]
+    assert weight_shapes(out) == {"a": (4, 4, 3, 3), "b": (4, 4, 3, 3), "y": (5, 4, 1, 1)}
+
+
+#  x -> A -> Clip(0, 6) -> depthwise D -> Clip -> GAP -> Flatten -> Gemm -> y
+DEPTHWISE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4, 8, 8] x) => (float[N, 3] y) {
+    a = Conv (x, wa, ba)
+    r = Clip (a, lo, hi)
+    d = Conv <pads = [1, 1, 1, 1], group = 8> (r, wd, bd)
+    q = Clip (d, lo, hi)
+    p = GlobalAveragePool (q)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, wg, bg)
+}
+"""
+
+
+def test_prune_channels_depthwise_and_flatten_gemm_follow():
+    model = make_model(DEPTHWISE, {
+        "wa": rand((8, 4, 1, 1), 1, 0.5), "ba": rand((8,), 2, 0.2),
+        "lo": np.array(0, np.float32), "hi": np.array(6, np.float32),
+        "wd": rand((8, 1, 3, 3), 3, 0.5), "bd": rand((8,), 4, 0.2),
+        "wg": rand((3, 8), 5, 0.5), "bg": rand((3,), 6, 0.1)})
+    out, result = check_exact(model, {"channel_ratio": 0.25})
+    assert weight_shapes(out) == {"a": (6, 4, 1, 1), "d": (6, 1, 3, 3), "y": (3, 6)}
+    dw = next(n for n in out.graph.node if n.output[0] == "d")
+    assert {a.name: a.i for a in dw.attribute}["group"] == 6
+
+
+CONCAT = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y, float[N, 4, 8, 8] z) {
+    a = Conv (x, wa, ba)
+    b = Conv (x, wb, bb)
+    k = Concat <axis = 1> (a, b)
+    y = Conv (k, wc, bc)
+    h = Conv (x, wh, bh)
+    g = Conv <group = 2> (h, wg, bg)
+    z = Conv (g, wz, bz)
+}
+"""
+
+
+def test_prune_channels_concat_grouped_and_outputs_decline():
+    model = make_model(CONCAT, {
+        "wa": rand((4, 4, 1, 1), 1), "ba": rand((4,), 2), "wb": rand((4, 4, 1, 1), 3),
+        "bb": rand((4,), 4), "wc": rand((8, 8, 1, 1), 5), "bc": rand((8,), 6),
+        "wh": rand((4, 4, 1, 1), 11), "bh": rand((4,), 12),
+        "wg": rand((4, 2, 1, 1), 7), "bg": rand((4,), 8),
+        "wz": rand((4, 4, 1, 1), 9), "bz": rand((4,), 10)})
+    _, result = apply_pass(PruneChannels, model, {"recovery": False})
+    assert not result.changed
+    assert result.declined == {"channels coupled through Concat": 2,
+                               "a tensor is a graph input or output": 2,
+                               "grouped (not depthwise) Conv": 1}
+
+
+def test_prune_channels_flatten_over_spatial_declines():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 4, 4] x) => (float[N, 3] y) {
+        a = Conv (x, wa, ba)
+        f = Flatten (a)
+        y = Gemm <transB = 1> (f, wg, bg)
+    }
+    """
+    model = make_model(text, {"wa": rand((8, 4, 1, 1), 1), "ba": rand((8,), 2),
+                              "wg": rand((3, 128), 3), "bg": rand((3,), 4)})
+    _, result = apply_pass(PruneChannels, model)
+    assert not result.changed
+    assert result.declined == {"Flatten over C x H x W with H*W > 1 (or unknown)": 1}
+
+
+def test_prune_channels_too_few_channels_declines():
+    model = make_model(CHAIN, {
+        "wa": rand((2, 4, 3, 3), 1), "ba": rand((2,), 2), "s": np.ones(2, np.float32),
+        "t": np.zeros(2, np.float32), "m": np.zeros(2, np.float32),
+        "v": np.ones(2, np.float32), "wb": rand((6, 2, 3, 3), 7), "bb": rand((6,), 8)})
+    _, result = apply_pass(PruneChannels, model, {"channel_ratio": 0.25})
+    assert not result.changed
+    assert result.declined == {"fewer channels than 1/ratio": 1,
+                               "a tensor is a graph input or output": 1}
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_prune_channels_recovery_lowers_error_on_unseen_data(sequential):
+    model = make_model(RESIDUAL, {
+        "wa": rand((16, 4, 3, 3), 1, 0.3), "ba": rand((16,), 2, 0.1),
+        "wb": rand((16, 16, 3, 3), 3, 0.1), "bb": rand((16,), 4, 0.1),
+        "wc": rand((5, 16, 1, 1), 5, 0.3), "bc": rand((5,), 6, 0.1)})
+    ctx = PassContext(calib=[{"x": rand((8, 4, 8, 8), 100 + i)} for i in range(3)])
+    opts = {"channel_ratio": 0.25, "sequential": sequential}
+    plain, _ = apply_pass(PruneChannels, model, {**opts, "recovery": False}, ctx)
+    fitted, result = apply_pass(PruneChannels, model, opts, ctx)
+    assert result.stats["consumers_refitted"] == 2  # b (reads r) and c (reads q)
+    feed = {"x": rand((16, 4, 8, 8), 999)}
+    ref = run(model, feed)["y"]
+    err_plain = np.linalg.norm(run(plain, feed)["y"] - ref)
+    err_fit = np.linalg.norm(run(fitted, feed)["y"] - ref)
+    assert err_fit < 0.8 * err_plain
+    assert weight_shapes(fitted) == weight_shapes(plain)
