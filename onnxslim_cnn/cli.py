@@ -81,6 +81,9 @@ def _validation_options(b) -> None:
                    "scaled by max(1, max|output|)")
     b.add_argument("--no-validate", action="store_true", help="skip the onnxruntime "
                    "comparison (for models onnxruntime cannot run)")
+    b.add_argument("--check", action="store_true", help="only compare OUTPUT (an existing "
+                   "model) with INPUT on the data and print the metrics as JSON; exit 1 "
+                   "when outside the budget (--min-cosine, --max-top1-drop, ...)")
     b.add_argument("--force", action="store_true", help="write the result even if it "
                    "fails validation")
 
@@ -249,6 +252,8 @@ def _run(argv: list[str]) -> int:
         return 0
     if not args.input or not args.output:
         raise UsageError("need an input and an output path (see --help)")
+    if args.check:
+        return _check(args)
     config = _config(args, _pipeline(args, PRESETS, DEFAULT_PRESET, passes.get_pass))
     _check_report_path(args.report, args.input, args.output)
 
@@ -262,6 +267,19 @@ def _run(argv: list[str]) -> int:
     if not args.quiet:
         print(report.table())
     return 0
+
+
+def _check(args) -> int:
+    """``--check``: compare OUTPUT (an existing model) with INPUT; exit 1 outside budget."""
+    import json
+
+    from .manager import check_pair
+
+    metrics, failure = check_pair(args.input, args.output, _config(args, ()))
+    summary = {k: metrics.get(k) for k in ("samples", "data", "cosine", "sqnr_db", "max_abs",
+                                           "top1_agreement", "top1_ref", "top1", "top1_drop")}
+    print(json.dumps(summary | {"within_budget": failure is None, "reason": failure}))
+    return 0 if failure is None else 1
 
 
 def _one_line(exc: BaseException) -> str:

@@ -289,3 +289,20 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
         raise OutputError(f"{output_path}: output folder {folder} is not writable")
 
 
+def check_pair(original_path: str | os.PathLike, candidate_path: str | os.PathLike,
+               config: Config | None = None) -> tuple[dict, str | None]:
+    """Validate an existing compressed model against its original; writes nothing.
+
+    Returns:
+        (metrics as a dict, None when within ``config.budget`` else the reason).
+
+    Raises:
+        InvalidModelError / DataError / UnsupportedModelError on bad input.
+    """
+    config = config or Config()
+    original, candidate = model_io.load(original_path), model_io.load(candidate_path)
+    dataset = load_dataset(config.data, original, Path(original_path))
+    outputs, metrics = Reference(original, dataset).compare(candidate)
+    result = metrics.to_dict()
+    result.update(samples=dataset.val_count, data=dataset.source)
+    return result, validate.check_budget(metrics, config.budget)

@@ -390,3 +390,26 @@ def test_report_json_plain_types_and_atomic(tmp_path):
     assert "folded: 3" in report.table() and "declined x2: shared weight" in report.table()
     with pytest.raises(OutputError, match="cannot write the report"):
         report.write_json(tmp_path / "missing" / "r.json")
+
+
+def test_cli_check_mode_gates_on_budget(tmp_path):
+    from .helpers import make_model, rand
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4] x) => (float[N, 3] y) { y = Gemm <transB = 1> (x, w, b) }
+    """
+    good, bad = rand((3, 4), 1), rand((3, 4), 1)
+    bad[0] *= -1.0  # computes something else
+    onnx.save(make_model(text, {"w": good, "b": rand((3,), 2)}), tmp_path / "a.onnx")
+    onnx.save(make_model(text, {"w": good, "b": rand((3,), 2)}), tmp_path / "same.onnx")
+    onnx.save(make_model(text, {"w": bad, "b": rand((3,), 2)}), tmp_path / "bad.onnx")
+    before = (tmp_path / "same.onnx").read_bytes()
+    ok = run_cli("a.onnx", "same.onnx", "--check", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["within_budget"] and result["cosine"] == pytest.approx(1.0)
+    assert (tmp_path / "same.onnx").read_bytes() == before  # --check writes nothing
+    failed = run_cli("a.onnx", "bad.onnx", "--check", cwd=tmp_path)
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["within_budget"] is False

@@ -414,3 +414,13 @@ def test_compress_example_model_lossless_pipeline_matches(name, tmp_path):
     if not src.is_file():
         pytest.skip(f"{src} not available")
     _lossless_pipeline_checks(src, tmp_path / "out.onnx")
+
+
+def test_manager_same_input_and_options_give_byte_identical_output(tmp_path):
+    from onnxslim_cnn import Config, compress
+
+    example = Path(__file__).resolve().parents[1] / "models" / "examples" / "resnet_block.onnx"
+    config = Config(passes=("fold-bn", "qdq-int8", "compact-names"))
+    compress(example, tmp_path / "a.onnx", config)
+    compress(example, tmp_path / "b.onnx", config)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
