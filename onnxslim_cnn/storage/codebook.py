@@ -1,0 +1,88 @@
+"""Compact weight storage: codebook (see the package docstring for formats and figures)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import UsageError
+from .bits import PLANES, _unpack
+from .core import Encoded, ValuesEncoder, _Builder, _check_bits, _require_opset
+
+
+def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: np.ndarray,
+                    bits: int, shape=None, taken: set[str] | None = None,
+                    per_channel_axis: int | None = None) -> Encoded:
+    """Store ``codebook[indices]`` as ``bits``-bit packed indices plus the codebook.
+
+    Args:
+        indices: integers in [0, k), k <= 2^bits; any shape with ``prod(shape)`` items.
+        codebook: [k] (per tensor) or [C, k] with C = shape[per_channel_axis]; float or
+            int8 (decode with ``dequantize`` afterwards).
+        shape: decoded shape (default ``indices.shape``).
+
+    Returns:
+        Encoded with min_opset 11 (BitShift; 14 for 3, 5, 6, 7 bits: uint8 Add).
+
+    Raises:
+        UsageError: bits outside 1..8, an index out of range, a codebook of wrong shape.
+        PreconditionError: the graph opset is below min_opset.
+    """
+    indices, codebook = np.asarray(indices), np.asarray(codebook)
+    shape = tuple(int(d) for d in (indices.shape if shape is None else shape))
+    _check_bits(bits)
+    _check_codebook(indices, codebook, bits, shape, per_channel_axis)
+    _require_opset(graph, _codebook_opset(bits), f"{bits}-bit codebook storage")
+    b = _Builder(graph, name, taken)
+    index = b.op("Cast", [_unpack(b, indices, bits, shape)], np.int32, list(shape),
+                 to=onnx.TensorProto.INT32)
+    table = codebook.reshape(-1)
+    if per_channel_axis is not None:
+        # entry j of channel c sits at c*k + j of the flattened [C, k] codebook
+        view = [1] * len(shape)
+        view[per_channel_axis] = -1
+        offset = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1])
+        index = b.op("Add", [index, b.const("offset", offset.reshape(view))], np.int32,
+                     list(shape))
+    out = b.op("Gather", [b.const("codebook", table), index], codebook.dtype, list(shape),
+               axis=0)
+    return b.finish(out, indices.size * codebook.itemsize, f"codebook{bits}",
+                    _codebook_opset(bits))
+
+
+def _codebook_opset(bits: int) -> int:
+    # BitShift 11; combining several planes adds uint8 with Add, typed for uint8 from 14
+    return 11 if len(PLANES[bits]) == 1 else 14
+
+
+def _check_codebook(indices, codebook, bits, shape, axis) -> None:
+    if int(np.prod(shape)) != indices.size:
+        raise UsageError(f"{indices.size} indices do not fill shape {shape}")
+    k = codebook.shape[-1] if codebook.ndim else 0
+    wanted = 1 if axis is None else 2
+    if codebook.ndim != wanted or not 0 < k <= 1 << bits:
+        raise UsageError(f"codebook shape {codebook.shape} does not fit {bits} bits "
+                         f"({'per channel [C, k]' if wanted == 2 else 'per tensor [k]'})")
+    if axis is not None and codebook.shape[0] != shape[axis % len(shape)]:
+        raise UsageError(f"codebook has {codebook.shape[0]} channels, weight has "
+                         f"{shape[axis % len(shape)]} along axis {axis}")
+    if indices.size and (indices.min() < 0 or indices.max() >= k):
+        raise UsageError(f"indices outside [0, {k})")
+
+
+def codebook_values(codebook: np.ndarray, bits: int) -> ValuesEncoder:
+    """Values encoder storing each value as its index in ``codebook`` (exact match).
+
+    Raises (when called): UsageError if a value is not a codebook entry.
+    """
+    codebook = np.asarray(codebook)
+
+    def encode(graph, name, values, taken) -> Encoded:
+        order = np.argsort(codebook, kind="stable")
+        pos = np.clip(np.searchsorted(codebook[order], values), 0, codebook.size - 1)
+        if values.size and not np.array_equal(codebook[order][pos], values):
+            raise UsageError(f"{name}: values are not all entries of the codebook")
+        return encode_codebook(graph, name, order[pos], codebook, bits, taken=taken)
+
+    return encode
