@@ -94,6 +94,7 @@ def find_preproc(model_path: Path | None) -> Path | None:
     """``model.preproc.json`` or ``<stem>.preproc.json`` beside the model, if any."""
     if model_path is None:
         return None
+    model_path = Path(model_path)
     for name in ("model.preproc.json", f"{model_path.stem}.preproc.json"):
         candidate = model_path.parent / name
         if candidate.is_file():
