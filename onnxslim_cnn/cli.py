@@ -146,13 +146,16 @@ def _pass_options(g) -> None:
     g.add_argument("--prune-ops", help="prune-weights: comma-separated conv,gemm,matmul "
                    "(default all three)")
     g.add_argument("--prune-first-last", action="store_true", default=None,
-                   help="prune-*: also prune the first conv and the classifier")
+                   help="prune-weights: also prune the first conv and the classifier")
     g.add_argument("--allocation", choices=("sensitivity", "uniform"), help="prune-weights:"
                    " per-layer sparsity from measured sensitivity (default) or uniform")
     g.add_argument("--prune-score", dest="score", choices=("activation", "magnitude"),
-                   help="prune-weights: rank by |w|*input RMS (default) or |w|")
+                   help="prune-weights: rank by |w| (default) or |w|*input RMS")
     g.add_argument("--prune-recovery", dest="recovery", choices=("on", "off"),
                    help="prune-*: least-squares re-fit on calibration data (default on)")
+    g.add_argument("--prune-sequential", dest="sequential", choices=("on", "off"),
+                   help="prune-*: re-fit layer by layer on the already pruned model's "
+                   "inputs (slower; default off for prune-weights, on for prune-channels)")
     g.add_argument("--channel-ratio", type=float, help="prune-channels: fraction of the "
                    "channels of each prunable group removed (default 0.25)")
     g.add_argument("--channel-score", choices=("l2", "l1", "activation"),
@@ -197,8 +200,9 @@ PASS_OPTIONS = ("calib_method", "percentile", "activation_type", "reduce_range",
 def _options(args) -> dict:
     """The pass options given on the command line (absent ones keep pass defaults)."""
     options = {k: getattr(args, k) for k in PASS_OPTIONS if getattr(args, k) is not None}
-    if args.recovery is not None:
-        options["recovery"] = args.recovery == "on"
+    for flag in ("recovery", "sequential"):
+        if getattr(args, flag) is not None:
+            options[flag] = getattr(args, flag) == "on"
     if args.fp32_layers:
         options["fp32_layers"] = tuple(n.strip() for n in args.fp32_layers.split(",")
                                        if n.strip())

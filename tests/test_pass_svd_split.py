@@ -7,6 +7,7 @@ relative output error is exact (every patch is sampled), to 1e-3 relative.
 """
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -132,24 +133,25 @@ def test_svd_split_no_saving_declines():
 
 
 GEMM = """
-<ir_version: 8, opset_import: ["" : 13]>
+<ir_version: 8, opset_import: ["" : {opset}]>
 g (float[N, 40] x) => (float[N, 30] y) {{ y = {op} (x, {inputs}) }}
 """
 
 
-@pytest.mark.parametrize("op, inputs, transposed", [
-    ("Gemm <alpha = 0.5, beta = 2.0>", "w, c", False),
-    ("Gemm <transB = 1>", "w, c", True),
-    ("MatMul", "w", False)])
-def test_svd_split_gemm_low_rank_splits_exactly(op, inputs, transposed):
+@pytest.mark.parametrize("op, inputs, transposed, opset", [
+    ("Gemm <alpha = 0.5, beta = 2.0>", "w, c", False, 13),
+    ("Gemm <transB = 1>", "w, c", True, 9),  # Gemm's C is required before opset 11
+    ("MatMul", "w", False, 13)])
+def test_svd_split_gemm_low_rank_splits_exactly(op, inputs, transposed, opset):
     w = (rand((40, 4), 0) @ rand((4, 30), 1)).astype(np.float32)  # rank 4
     weights = {"w": w.T.copy() if transposed else w, "c": rand((30,), 2)}
-    model = make_model(GEMM.format(op=op, inputs=inputs),
+    model = make_model(GEMM.format(op=op, inputs=inputs, opset=opset),
                        {k: v for k, v in weights.items() if k in inputs})
     out, result = apply_pass(SvdSplit, model, {"energy": 1 - 1e-9})
     assert result.layers[0]["rank"] == 4
     assert op_counts(out) == {op.split()[0]: 2}
     assert result.stats["site_params_after"] == 4 * (40 + 30)
+    onnx.checker.check_model(out)
     assert_same_outputs(model, out, **TOL)
 
 
@@ -226,3 +228,38 @@ def test_svd_split_bad_options_declines(options):
     graph = gs.import_onnx(conv_model(GEOMETRY["plain"], rand((6, 5, 3, 3), 1)))
     with pytest.raises(PreconditionError):
         SvdSplit(options).check(graph, PassContext())
+
+
+@pytest.mark.parametrize("flags", [["--energy", "0.999999"], ["--rank-ratio", "0.125"],
+                                   ["--svd-error", "0.01", "--svd-mode", "spatial"]])
+def test_svd_split_cli_options_reach_the_pass(tmp_path, flags):
+    import json
+
+    from onnxslim_cnn.cli import main
+
+    source, target, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(conv_model(GEOMETRY["padded"], low_rank(24, 8, 3)), source)
+    assert main([str(source), str(target), "--passes", "svd-split", "--report", str(report),
+                 "--quiet", *flags]) == 0
+    (record,) = json.loads(report.read_text())["passes"]
+    assert record["status"] == "applied" and record["stats"]["layers_split"] == 1
+    assert record["metrics"]["cosine"] > 0.9999  # the weight's own rank: exact
+    assert record["layers"][0]["rank"] == (9 if "spatial" in flags else 3)
+    assert op_counts(onnx.load(target)) == {"Conv": 2}
+
+
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_svd_split_wide_1x1_conv_low_rank_splits_exactly(data_aware):
+    # more outputs than inputs (40 > 6): the factors come from the D x D side
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 6, 5, 5] x) => (float[N, 40, 5, 5] y) { y = Conv (x, w, b) }"""
+    w = (rand((40, 2), 0) @ rand((2, 6), 1)).reshape(40, 6, 1, 1).astype(np.float32)
+    model = make_model(text, {"w": w, "b": rand((40,), 2)})
+    options, ctx = {"energy": 1 - 1e-9}, PassContext()
+    if data_aware:
+        options = {"svd_error": 1e-4}
+        ctx = PassContext(calib=[{"x": rand((2, 6, 5, 5), 3 + i)} for i in range(2)])
+    out, result = apply_pass(SvdSplit, model, options, ctx)
+    assert result.layers[0]["rank"] == 2 and op_counts(out) == {"Conv": 2}
+    assert_same_outputs(model, out, **TOL)

@@ -9,13 +9,17 @@ Before:  W[O, C, kh, kw] fp32 -> Conv
 After:   packed idx (b bits) -> unpack -> Gather(codebook[k] or [O*k]) -> Conv
 
 Steps per layer: exact 1-D k-means (kmeans.py; linear/density/k-means++ init, seeded;
-a pruned layer keeps an exact 0 centroid so zeros stay zeros), then least-squares
-centroids minimising the layer's output error on calibration patches (refine.py:
-a k x k system per codebook), then bits per layer (select.py): fixed ``bits``, or the
+a pruned layer keeps an exact 0 centroid so zeros stay zeros); with calibration data,
+error-feedback assignment of the weights to those centroids (assign.py, GPTQ-style)
+and least-squares centroids minimising the layer's output error on calibration patches
+(refine.py: a k x k system per codebook), then a bias correction cancelling the mean
+output error (b' = b - (w' - w) . mu). Bits per layer (select.py): fixed ``bits``, or the
 cheapest bits meeting ``min_sqnr_db``, or a size budget ``avg_bits`` spread by marginal
-output-SQNR gain per byte. Output SQNR per layer, 10 log10(w^T G w / e^T G e) with G
-the second moment of the layer's input patches, is reported before (``sqnr_kmeans_db``)
-and after refinement (``sqnr_db``).
+output-SQNR gain per byte (candidates are scored after k-means + bias correction; the
+chosen one is then refined). Output SQNR per layer, 10 log10(w^T G w / e^T S e) with G
+the second moment of the layer's input patches (S: G, or their covariance when the bias
+absorbs the mean), is reported for k-means (``sqnr_kmeans_db``) and the result
+(``sqnr_db``); their mean difference is ``mean_refine_gain_db``.
 
 Declines when: the weight is not a float32 constant, is shared by several nodes, the
 Conv is not 2-D or uses auto_pad, a Gemm uses transA, or the encoding would not make
@@ -99,7 +103,7 @@ class ClusterWeights(Pass):
 
     # -- data ------------------------------------------------------------------------
 
-    def _grams(self, graph, found, ctx) -> dict[str, np.ndarray]:
+    def _grams(self, graph, found, ctx) -> dict[str, refine.Moments]:
         """Input second moments per site (only sites small enough to refine)."""
         if not ctx.calib:
             return {}
@@ -114,21 +118,25 @@ class ClusterWeights(Pass):
         return {"auto": (False, True), "channel": (True,), "tensor": (False,)}[
             self.options.granularity]
 
-    def _cluster(self, site, bits, per_channel, quads, ctx) -> sites.Clustered:
-        return sites.cluster(site, bits, per_channel, quads[site.key],
-                             self.options.kmeans_init, ctx.seed, self.options.data_aware)
+    def _cluster(self, site, bits, per_channel, quads, ctx, refine_it=True) -> sites.Clustered:
+        return sites.cluster(site, bits, per_channel, quads[site.key], self.options.kmeans_init,
+                             ctx.seed, self.options.data_aware and refine_it)
 
     def _choose(self, found, grams, ctx) -> list[sites.Clustered]:
         o = self.options
         widths = [o.bits or 4] if o.avg_bits is None and o.min_sqnr_db is None else \
             list(range(1, 9))
         options = [(b, pc) for b in widths for pc in self._granularities()]
-        grams = {s.key: refine.Quadratic(s.w2, grams.get(s.key), s.bias is not None)
+        quads = {s.key: refine.Quadratic(s.w2, grams.get(s.key), s.bias is not None)
                  for s in found}
+        # candidates are scored after k-means and bias correction; only the chosen one is
+        # refined (refining costs O * P^2 per candidate, scoring one GEMM)
+        refine_all = len(options) == 1
         table = []
         for i, site in enumerate(found):
             ctx.progress(f"cluster-weights: layer {i + 1}/{len(found)} {site.key}")
-            table.append([self._candidate(site, b, pc, grams, ctx) for b, pc in options])
+            table.append([self._candidate(site, b, pc, quads, ctx, refine_all)
+                          for b, pc in options])
         if o.avg_bits is not None:
             picks = select.by_size(table, o.avg_bits / 8 * sum(s.size for s in found))
         elif o.min_sqnr_db is not None:
@@ -137,11 +145,11 @@ class ClusterWeights(Pass):
             picks = [select.fixed(cands, s.size) for cands, s in zip(table, found,
                                                                      strict=True)]
         # deterministic, so recomputing the picked one beats keeping every candidate
-        return [self._cluster(s, c.bits, c.per_channel, grams, ctx)
+        return [self._cluster(s, c.bits, c.per_channel, quads, ctx)
                 for s, c in zip(found, picks, strict=True)]
 
-    def _candidate(self, site, bits, per_channel, grams, ctx) -> select.Candidate:
-        c = self._cluster(site, bits, per_channel, grams, ctx)
+    def _candidate(self, site, bits, per_channel, quads, ctx, refine_it) -> select.Candidate:
+        c = self._cluster(site, bits, per_channel, quads, ctx, refine_it)
         return select.Candidate(bits, per_channel, c.nbytes, c.sqnr_db)
 
     # -- storage ---------------------------------------------------------------------

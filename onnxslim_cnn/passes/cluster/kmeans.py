@@ -10,7 +10,8 @@ values, so a whole Lloyd iteration needs no distance matrix:
 
 Sorting once costs O(n log n); every iteration O(k log n). Iterations stop when no
 boundary moves (an exact fixed point: each value is nearest its centroid and each
-centroid is its cluster's mean). An empty cluster keeps its centroid.
+centroid is its cluster's mean) or no centroid moves by more than 1e-4 of the range.
+An empty cluster keeps its centroid.
 
 Rows (one per output channel, or one for the whole tensor) run together: row r's
 values are mapped into [r, r + 1) by a monotone affine map, so one searchsorted on the
@@ -33,12 +34,15 @@ INITS = ("linear", "density", "kmeans++")
 
 
 def kmeans_rows(values: np.ndarray, k: int, weights: np.ndarray | None = None,
-                init: str = "linear", seed: int = 0, max_iter: int = 100) -> np.ndarray:
+                init: str = "linear", seed: int = 0, max_iter: int = 100,
+                tol: float = 1e-4) -> np.ndarray:
     """Lloyd's k-means of each row of ``values`` [R, n]; returns centroids [R, k], sorted.
 
     Args:
         weights: [R, n] non-negative weights (default 1); weight-0 values are ignored.
         init: one of INITS.
+        tol: also stop when no centroid moves more than ``tol`` times its row's range
+            (large rows creep for many iterations by a few values at a time).
 
     Raises:
         UsageError: unknown init or k < 1.
@@ -57,8 +61,10 @@ def kmeans_rows(values: np.ndarray, k: int, weights: np.ndarray | None = None,
         new = keys.boundaries(cent)
         if bounds is not None and np.array_equal(new, bounds):
             break
-        bounds = new
+        bounds, old = new, np.sort(cent, axis=1)
         cent = keys.means(bounds, cent)
+        if np.all(np.abs(cent - old) <= tol * keys.span):
+            break
     return np.sort(cent, axis=1)
 
 

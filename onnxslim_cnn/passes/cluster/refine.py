@@ -39,6 +39,7 @@ from ... import validate
 from ..qdq.calibrate import with_outputs
 
 SAMPLES = 8192  # patches per layer over the whole calibration set
+PATCH_VALUES = 1 << 22  # values gathered per layer and batch (memory and time bound)
 MAX_PATCH = 2304  # larger P: G > 40 MB and refinement too slow, so it is skipped
 CAP_DB = 200.0
 MAX_K = 64  # 7-8 bit codebooks are already close, and k^3 solves per channel add up
@@ -113,24 +114,26 @@ def _gram(patches: np.ndarray) -> np.ndarray:
 
 
 def _patches(x: np.ndarray, geom: ConvGeom, count: int, rng) -> np.ndarray:
-    """[S, groups, P] float32 input patches at ``count`` random output positions."""
+    """[S, groups, P] float32 input patches at up to ``count`` random output positions
+    (fewer for wide inputs: at most ``PATCH_VALUES`` values per batch)."""
     if geom.dense:
         rows = x.reshape(-1, x.shape[-1])
-        pick = rng.choice(rows.shape[0], min(count, rows.shape[0]), replace=False)
+        count = min(count, rows.shape[0], max(PATCH_VALUES // rows.shape[1], 64))
+        pick = rng.choice(rows.shape[0], count, replace=False)
         return rows[np.sort(pick)][:, None, :].astype(np.float32)
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.strides, geom.dilations
     t, left, b, r = geom.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
-    n, c, hp, wp = xp.shape
+    # NHWC, so each gathered patch row is a contiguous run of channels
+    xp = np.pad(x.transpose(0, 2, 3, 1), ((0, 0), (t, b), (left, r), (0, 0)))
+    n, hp, wp, c = xp.shape
     ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    pick = rng.choice(n * ho * wo, min(count, n * ho * wo), replace=False)
-    bi, rest = np.divmod(np.sort(pick), ho * wo)
+    count = min(count, n * ho * wo, max(PATCH_VALUES // (c * kh * kw), 64))
+    pick = np.sort(rng.choice(n * ho * wo, count, replace=False))
+    bi, rest = np.divmod(pick, ho * wo)
     oy, ox = np.divmod(rest, wo)
-    rows = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [S, kh]
-    cols = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [S, kw]
-    patch = xp[bi[:, None, None, None], np.arange(c)[None, :, None, None],
-               rows[:, None, :, None], cols[:, None, None, :]]  # [S, C, kh, kw]
-    return patch.reshape(patch.shape[0], geom.groups, -1).astype(np.float32)
+    patch = np.stack([xp[bi, oy * sh + i * dh, ox * sw + j * dw]
+                      for i in range(kh) for j in range(kw)], axis=2)  # [S, C, kh*kw]
+    return patch.reshape(count, geom.groups, -1).astype(np.float32, copy=False)
 
 
 class Quadratic:
@@ -138,8 +141,8 @@ class Quadratic:
 
     noise(c) = sum_o e_o^T S e_o = sum_o c_o^T A_o c_o - 2 c_o^T b_o + w_o^T S w_o,
     with A_o = M_o^T S M_o and b_o = M_o^T S w_o (S: G, or the covariance when the
-    bias absorbs the mean error). Built once per layer; each clustering then costs
-    only the A_o (segment sums of S, independent of k), not a GEMM per candidate.
+    bias absorbs the mean error). Built once per layer; scoring a clustering costs one
+    GEMM (``direct_sqnr_db``), refining it the A_o (segment sums of S, O * P^2 adds).
     """
 
     def __init__(self, w: np.ndarray, moments: Moments | None, corrects_bias: bool):
@@ -169,14 +172,25 @@ class Quadratic:
             a[o] = _segment_gram(self.s[o // per_group], idx[o], k)
         return a, b.reshape(channels, k)
 
+    def direct_sqnr_db(self, wq: np.ndarray) -> float:
+        """Output SQNR of decoded weights ``wq`` [O, P]: one GEMM, no A_o needed."""
+        err = wq - self.w
+        noise = float(np.sum(err * err)) if self.s is None else \
+            float(np.sum(_group_apply(err, self.s) * err))
+        return _db(self.signal, noise)
+
     def sqnr_db(self, a: np.ndarray, b: np.ndarray, cent: np.ndarray) -> float:
         """Output SQNR of codebook ``cent`` [R, k] (R = 1 or O) given its A, b."""
         c = np.broadcast_to(cent.astype(np.float64), b.shape)
         quad = np.sum(c * np.matmul(a, c[..., None])[..., 0])
         noise = float(quad - 2 * np.sum(c * b) + self.wsw.sum())
-        if noise <= self.signal * 1e-20:
-            return CAP_DB
-        return float(min(CAP_DB, 10 * np.log10(max(self.signal, 1e-30) / noise)))
+        return _db(self.signal, noise)
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= signal * 1e-20:
+        return CAP_DB
+    return float(min(CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise)))
 
 
 def _segment_gram(s: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:

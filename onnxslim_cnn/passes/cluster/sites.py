@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import kmeans, refine
+from . import assign, kmeans, refine
 from .refine import ConvGeom
 
 ZERO_FRACTION = 0.01  # more exact zeros than this: the layer was pruned, keep them exact
@@ -146,15 +146,26 @@ def cluster(site: Site, bits: int, per_channel: bool, quad: refine.Quadratic,
         idx = np.where(rows == 0, 0, idx + 1)
     idx = idx.reshape(site.w2.shape)
     book = cent.astype(np.float32)
-    a, b = quad.normal_equations(idx, k)
-    base = quad.sqnr_db(a, b, book)
+    base = quad.direct_sqnr_db(decode(idx, book, per_channel))
     result = Clustered(bits, per_channel, idx, book, base, base, False)
     if data_aware and quad.s is not None and k <= refine.MAX_K:
-        better = refine.solve(a, b, cent, zero).astype(np.float32)
-        score = quad.sqnr_db(a, b, better)
-        if score > base:
-            result.codebook, result.sqnr_db, result.refined = better, score, True
+        _refine(result, quad, cent, zero)
     return result
+
+
+def _refine(result: Clustered, quad: refine.Quadratic, cent: np.ndarray, zero) -> None:
+    """Error-feedback indices (assign.py) and least-squares centroids, kept if better."""
+    k = cent.shape[1]
+    idx = np.empty_like(result.idx)
+    per_group = idx.shape[0] // quad.groups
+    for g in range(quad.groups):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        idx[rows] = assign.gptq_assign(quad.w[rows], quad.s[g],
+                                       cent[rows] if result.per_channel else cent, zero)
+    better = refine.solve(*quad.normal_equations(idx, k), cent, zero).astype(np.float32)
+    score = quad.direct_sqnr_db(decode(idx, better, result.per_channel))
+    if score > result.sqnr_db:
+        result.idx, result.codebook, result.sqnr_db, result.refined = idx, better, score, True
 
 
 def decode(idx: np.ndarray, codebook: np.ndarray, per_channel: bool) -> np.ndarray:

@@ -8,8 +8,9 @@ an approximation M' is
 
 once the bias absorbs the mean shift, b' = b + (M - M') mu (so E[y'] = E[y]).
 
-Channel mode (Zhang et al. 2015): with U S V^T = svd(M Sigma^{1/2}), the best rank-r M'
-is P M with P = U_r U_r^T, a projection of the outputs onto their principal subspace:
+Channel mode (Zhang et al. 2015): with U S V^T = svd(M Sigma^{1/2}) (computed as the
+eigenpairs U, s^2 of M Sigma M^T), the best rank-r M' is P M with P = U_r U_r^T, a
+projection of the outputs onto their principal subspace:
     first conv  A = U_r^T M  (r x D: k x k, C_in -> r)
     second conv B = U_r      (out x r: 1 x 1, r -> C_out)
 and err^2 = sum_{i>r} s_i^2 / sum_i s_i^2 exactly.
@@ -67,12 +68,21 @@ class Channel:
     mode = "channel"
 
     def __init__(self, m: np.ndarray, sigma: np.ndarray | None):
-        target = m if sigma is None else m @ sqrt_psd(sigma)
         self.m = m
-        self.u, s, _ = np.linalg.svd(target, full_matrices=False)
-        energy = np.cumsum(s**2)
-        self.residual = 1.0 - energy / energy[-1] if energy[-1] > 0 else np.zeros_like(s)
-        self.max_rank = len(s)
+        if m.shape[0] <= m.shape[1]:
+            # U and s^2 of svd(M Sigma^{1/2}) are the eigenpairs of M Sigma M^T (out x
+            # out): no D x D square root (D = 4608 in ResNet-50's last stage)
+            gram = m @ m.T if sigma is None else (m @ sigma) @ m.T
+            lam, vec = np.linalg.eigh((gram + gram.T) / 2)
+            order = np.argsort(lam)[::-1]
+            self.u, s2 = vec[:, order], np.maximum(lam[order], 0.0)
+        else:  # out > D: the D x D square root is the smaller problem
+            self.u, s, _ = np.linalg.svd(m if sigma is None else m @ sqrt_psd(sigma),
+                                         full_matrices=False)
+            s2 = s**2
+        energy = np.cumsum(s2)
+        self.residual = 1.0 - energy / energy[-1] if energy[-1] > 0 else np.zeros_like(energy)
+        self.max_rank = len(s2)
 
     def error(self, rank: int) -> float:
         return float(np.sqrt(max(self.residual[rank - 1], 0.0)))

@@ -3,7 +3,7 @@
 Channel:  x -> Conv(A: r x C_in x kh x kw, stride/pads/dilations) -> Conv(B: C_out x r x 1 x 1, b')
 Spatial:  x -> Conv(V: r x C_in x kh x 1, vertical stride/pads/dilation)
             -> Conv(H: C_out x r x 1 x kw, horizontal stride/pads/dilation, b')
-Gemm:     x -> Gemm(A, transB=1) -> Gemm(B, b', transB=1)
+Gemm:     x -> Gemm(A, transB=1) -> Gemm(B, b', transB=1)   (A's C = 0 below opset 11)
 MatMul:   x -> MatMul(A^T) -> MatMul(B^T) [-> Add(b') when b' is not zero]
 
 The first factor has no bias: zero padding of the intermediate then equals the
@@ -32,6 +32,8 @@ def install(graph: gs.Graph, site: Site, f: Factors, taken: set[str]) -> None:
 
     (op1, attrs1, extra1), (op2, attrs2, extra2) = \
         _NODES[node.op if node.op != "Conv" else f.mode](site, f, const)
+    if op1 == "Gemm" and (graph.opset or 0) < 11:  # C is optional from opset 11 only
+        extra1.append(const("svd_zero", np.zeros(f.rank)))
     x, y = node.inputs[0], node.outputs[0]
     # Inputs first: graphsurgeon unlinks by node equality (see remove_identity._detach).
     node.inputs.clear()

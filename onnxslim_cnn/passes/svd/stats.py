@@ -4,7 +4,7 @@ The covariance of a Conv's im2col patches (D = C_in*kh*kw) is what svd-split fit
 factors to. A 224 x 224 layer has ~50k patches per image, so each batch contributes a
 seeded random sample of its patches, gathered straight from the padded
 input (no full im2col); ``rows`` patches per site over all batches (16k: ~30 samples per
-dimension for D = 576, covariances of that size settle well below 1 %). Sums of x and x x^T are accumulated in float64:
+dimension for D = 576). Sums of x and x x^T are accumulated in float64:
 
     mu = sum(x) / n,   Sigma = sum(x x^T) / n - mu mu^T
 
@@ -33,8 +33,9 @@ class Moments:
         self.count = 0
 
     def add(self, rows: np.ndarray) -> None:
-        rows = rows.astype(np.float64)
-        self.total += rows.sum(axis=0)
+        # one batch's product in float32 (twice as fast; <= 16k terms), summed in float64
+        rows = rows.astype(np.float32)
+        self.total += rows.sum(axis=0, dtype=np.float64)
         self.outer += rows.T @ rows
         self.count += rows.shape[0]
 
