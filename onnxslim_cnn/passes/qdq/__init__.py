@@ -103,7 +103,7 @@ class QdqInt8(Pass):
         float_model = gs.export_onnx(graph, do_type_check=False)
         skip = set(self.options.fp32_layers)
         # Statistics of the float model serve every quantization attempt below.
-        facts = self._measure(graph, plan_graph(graph, skip), ctx)
+        facts = self._measure(graph, float_model, plan_graph(graph, skip), ctx)
         if self.options.fallback_sqnr_db > 0:
             trial = gs.import_onnx(float_model)
             trial_result = self._quantize(trial, ctx, skip, facts)
@@ -118,16 +118,15 @@ class QdqInt8(Pass):
             self._sqnr(float_model, graph, result, ctx)
         return result
 
-    def _measure(self, graph: gs.Graph, plan: Plan, ctx: PassContext) -> dict:
+    def _measure(self, graph: gs.Graph, float_model, plan: Plan, ctx: PassContext) -> dict:
         """Activation statistics, float output means and Hessians, from the float graph."""
-        facts = {"stats": self._calibrate(graph, plan, ctx), "reference": {}, "hess": {}}
+        facts = {"stats": self._calibrate(float_model, plan, ctx), "reference": {}, "hess": {}}
         if self.options.bias_correction == "empirical":
             outputs = [s.node.outputs[0].name for s in plan.biases]
             facts["reference"] = bias_correct.reference_means(graph, outputs, ctx.calib)
         if self.options.weight_rounding == "gptq":
             sites = [s for s in plan.weights if gptq.supported(s)]
-            facts["hess"] = gptq.hessians(gs.export_onnx(graph, do_type_check=False), sites,
-                                          ctx.calib, ctx.seed)
+            facts["hess"] = gptq.hessians(float_model, sites, ctx.calib, ctx.seed)
         return facts
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, skip: set[str],
@@ -208,8 +207,7 @@ class QdqInt8(Pass):
         graph.opset = trial.opset
         return result
 
-    def _calibrate(self, graph: gs.Graph, plan: Plan, ctx: PassContext):
-        model = gs.export_onnx(graph, do_type_check=False)
+    def _calibrate(self, model, plan: Plan, ctx: PassContext):
         reads = sorted(plan.reads)
         hist = reads if self.options.calib_method != "minmax" else []
         return calibrate.collect(model, reads, ctx.calib, hist, ctx.progress)
