@@ -316,3 +316,49 @@ def test_qdq_gptq_lowers_output_error_on_correlated_inputs():
     opt = gptq.gptq_round(w, x.T @ x, scale, qmax) * scale[:, None]
     err = lambda wq: np.linalg.norm((w - wq) @ x.T)  # noqa: E731
     assert err(opt) < 0.7 * err(near)
+
+
+def _chain_with_outlier_channel(layers: int = 10):
+    """x -> Conv_0 -> ... -> Conv_{n-1}; Conv_4 writes one channel 1000x larger than the
+    others and Conv_5 reads only the small ones, so one uint8 scale for Conv_5's input
+    leaves them a few levels: Conv_5's output SQNR is far below every other layer's."""
+    lines, weights = [], {}
+    for i in range(layers):
+        src = "x" if i == 0 else f"r{i - 1}"
+        lines.append(f"c{i} = Conv ({src}, w{i}, b{i})")
+        lines.append(f"r{i} = Relu (c{i})")
+        w = np.abs(rand((4, 4, 1, 1), 10 + i, 0.5)) + 0.1
+        if i == 4:
+            w[0] *= 1000.0
+        if i == 5:
+            w[:, 0] = 0.0
+        weights[f"w{i}"], weights[f"b{i}"] = w, np.full(4, 0.01, np.float32)
+    body = "\n        ".join(lines[:-1] + [f"y = Relu (c{layers - 1})"])
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 4, 4] x) => (float[N, 4, 4, 4] y) {{
+        {body}
+    }}
+    """
+    return make_model(text, weights)
+
+
+def test_qdq_sqnr_fallback_keeps_the_sensitive_layer_float_with_int8_storage():
+    model = _chain_with_outlier_channel()
+    data = [{"x": np.abs(rand((4, 4, 4, 4), 70 + i))} for i in range(2)]
+    out, result = apply_pass(QdqInt8, model, {"fallback_sqnr_db": 30.0},
+                             PassContext(calib=data))
+    kept = [r for r in result.layers if r.get("kept_float")]
+    assert [r["layer"] for r in kept] == ["c5"]  # at most 10 % of 10 layers, worst first
+    assert kept[0]["why"] == "output SQNR < 30.0 dB"
+    assert kept[0]["weight_storage"].startswith("int8")
+    conv5 = next(n for n in out.graph.node if n.op_type == "Conv" and n.output[0] == "c5")
+    producer = next(n for n in out.graph.node if conv5.input[1] in n.output)
+    assert producer.op_type == "Mul"  # Cast+Mul int8 decode, folded by onnxruntime at load
+    sqnr = {r["layer"]: r["sqnr_db"] for r in result.layers if "sqnr_db" in r}
+    assert "c5" not in sqnr and len(sqnr) == 9 and min(sqnr.values()) > 30.0
+    plain, _ = apply_pass(QdqInt8, model, {"fallback_sqnr_db": 0.0}, PassContext(calib=data))
+    feed = {"x": np.abs(rand((2, 4, 4, 4), 99))}  # not calibration data
+    ref = run(model, feed)["y"].astype(np.float64)
+    snr = lambda m: -np.log10(np.sum((run(m, feed, "all")["y"] - ref) ** 2))  # noqa: E731
+    assert snr(out) > snr(plain) + 1.0  # the fallback cuts the output error > 10x
