@@ -48,6 +48,10 @@ TOOLS: dict[str, Tool] = {
     "fp32": ORIGINAL,
     "ours-lossless": ours(),  # the default preset
     "ours-int8": ours(None, "--preset", "int8"),
+    "ours-prune50": ours("fold-bn,prune-weights", "--sparsity", "0.5"),
+    "ours-channels25": ours("fold-bn,prune-channels", "--channel-ratio", "0.25"),
+    "ours-svd": ours("fold-bn,svd-split"),
+    "ours-cluster4": ours("fold-bn,cluster-weights", "--bits", "4"),
     "ort-static-minmax": peer("ort-static", "--method", "minmax"),
     "ort-static-percentile": peer("ort-static", "--method", "percentile"),
     "ort-static-entropy": peer("ort-static", "--method", "entropy"),
