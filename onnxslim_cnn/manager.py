@@ -40,10 +40,10 @@ from .passes.base import Pass, PassContext, PassResult
 from .report import PassRecord, Report
 
 PRESETS: dict[str, tuple[str, ...]] = {
-    "lossless": ("remove-identity", "fold-constants", "fold-bn", "fold-affine",
-                 "dedup-initializers", "remove-dead"),
+    "lossless": ("canonicalize", "remove-identity", "fold-constants", "fold-bn",
+                 "fold-affine", "dedup-initializers", "remove-dead"),
     # Static int8 for onnxruntime's int8 kernels; names compacted (deployment file).
-    "int8": ("remove-identity", "fold-constants", "fold-bn", "fold-affine",
+    "int8": ("canonicalize", "remove-identity", "fold-constants", "fold-bn", "fold-affine",
              "dedup-initializers", "equalize", "qdq-int8", "remove-dead", "compact-names"),
 }
 DEFAULT_PRESET = "lossless"

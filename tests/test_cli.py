@@ -273,8 +273,8 @@ def test_cli_good_run_writes_output_and_report(tmp_path, model_file):
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "r.json", "slim.onnx"]  # no temp left
     report = json.loads((tmp_path / "r.json").read_text())
     names = [p["name"] for p in report["passes"]]
-    assert names == ["remove-identity", "fold-constants", "fold-bn", "fold-affine",
-                     "dedup-initializers", "remove-dead"]
+    assert names == ["canonicalize", "remove-identity", "fold-constants", "fold-bn",
+                     "fold-affine", "dedup-initializers", "remove-dead"]
     assert {p["name"]: p["status"] for p in report["passes"]}["fold-bn"] == "applied"
     assert report["written"] is True
     assert report["size_out"] == (tmp_path / "slim.onnx").stat().st_size

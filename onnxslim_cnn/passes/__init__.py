@@ -1,6 +1,7 @@
 """Rewrite passes. Importing this package registers every pass in ``REGISTRY``."""
 
 from . import (  # noqa: F401  (registration side effects)
+    canonicalize,
     cluster,
     compact_names,
     dedup_initializers,
