@@ -67,6 +67,69 @@ def test_qdq_cnn_fuses_into_int8_kernels_and_matches(tmp_path):
     assert cosine(ref, got) > 0.999  # stated tolerance for int8 vs fp32 logits
 
 
+def test_qdq_float16_model_runs_int8_inside_and_keeps_float16_io(tmp_path):
+    """float16 in, float16 out; float32 (then int8) inside: onnxruntime fuses QDQ only
+    around float32 tensors."""
+    text = CNN.replace("float[", "float16[")
+    weights = {k: v.astype(np.float16) for k, v in cnn_weights().items()}
+    model = make_model(text, weights)
+    batches = [{"x": b["x"].astype(np.float16)} for b in calib()]
+    out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=batches))
+    assert result.stats["float16_tensors_upcast"] > 0
+    assert out.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert out.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1
+    feed = {"x": rand((8, 3, 16, 16), 999, dtype=np.float16)}
+    ref, got = run(model, feed)["y"], run(out, feed, optimization="all")["y"]
+    assert got.dtype == np.float16
+    assert cosine(ref, got) > 0.999  # same bound as the float32 model
+
+
+# MobileNetV3-style block: 1x1 expand -> HardSwish -> depthwise -> HardSwish ->
+# squeeze-excite (GAP -> Conv -> Relu -> Conv -> HardSigmoid -> Mul) -> 1x1 project
+# -> Swish (x * Sigmoid(x)) -> residual Add
+MBV3 = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N, 8, 12, 12] x) => (float[N, 8, 12, 12] y) {
+    e = Conv (x, we, be)
+    h = HardSwish (e)
+    d = Conv <group = 16, pads = [1, 1, 1, 1]> (h, wd, bd)
+    hd = HardSwish (d)
+    s = GlobalAveragePool (hd)
+    s1 = Conv (s, ws1, bs1)
+    r1 = Relu (s1)
+    s2 = Conv (r1, ws2, bs2)
+    gate = HardSigmoid <alpha = 0.1666667, beta = 0.5> (s2)
+    m = Mul (hd, gate)
+    p = Conv (m, wp, bp)
+    sg = Sigmoid (p)
+    q = Mul (p, sg)
+    y = Add (q, x)
+}
+"""
+
+
+def test_qdq_mobilenetv3_block_fuses_convs_mul_sigmoid_pool(tmp_path):
+    shapes = {"we": (16, 8, 1, 1), "wd": (16, 1, 3, 3), "ws1": (4, 16, 1, 1),
+              "ws2": (16, 4, 1, 1), "wp": (8, 16, 1, 1)}
+    weights = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        weights[name] = rand(shape, 2 * i, 0.3)
+        weights["b" + name[1:]] = rand((shape[0],), 2 * i + 1, 0.1)
+    model = make_model(MBV3, weights)
+    batches = [{"x": rand((4, 8, 12, 12), 100 + i)} for i in range(4)]
+    out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=batches))
+    assert result.stats["weights"] == 5 and not result.declined
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 5 and ops.get("Conv", 0) == 0
+    assert ops["QLinearMul"] == 2 and ops["QLinearSigmoid"] == 1
+    assert ops["QLinearGlobalAveragePool"] == 1
+    feed = {"x": rand((8, 8, 12, 12), 999)}
+    ref, got = run(model, feed)["y"], run(out, feed, optimization="all")["y"]
+    assert cosine(ref, got) > 0.999  # stated bound for a 5-conv int8 block
+
+
 def test_qdq_maxpool_output_shares_input_params():
     model = make_model(CNN, cnn_weights())
     out, _ = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib()))
@@ -159,18 +222,35 @@ def test_qdq_full_range_weights_saturate_in_the_kernel():
     assert np.max(np.abs(kernel - emulated)) > 1.0
 
 
-def test_qdq_tail_pool_feeding_softmax_stays_float():
-    text = """
-    <ir_version: 8, opset_import: ["" : 13]>
-    g (float[N, 3, 8, 8] x) => (float[N, 6, 1, 1] y) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
-        r = Relu (c)
-        p = GlobalAveragePool (r)
-        y = Softmax <axis = 1> (p)
-    }
-    """
-    model = make_model(text, {"w": rand((6, 3, 3, 3), 1, 0.3), "b": rand((6,), 2, 0.1)})
+TAIL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 8, 8] x) => (float[N, 6, 1, 1] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    r = Relu (c)
+    p = GlobalAveragePool (r)
+    y = Softmax <axis = 1> (p)
+}
+"""
+
+
+def test_qdq_tail_pool_after_conv_runs_the_conv_in_int8(tmp_path):
+    """x -> Conv -> Relu -> GAP -> Softmax: Q/DQ before the pool so the conv fuses into
+    QLinearConv; the pool runs in float on the dequantized tensor."""
+    model = make_model(TAIL, {"w": rand((6, 3, 3, 3), 1, 0.3), "b": rand((6,), 2, 0.1)})
     out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib((4, 3, 8, 8))))
+    quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "r"}
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["GlobalAveragePool"] == 1
+    feed = {"x": rand((2, 3, 8, 8), 7)}
+    got, want = run(out, feed, optimization="all")["y"], run(model, feed)["y"]
+    assert np.max(np.abs(got - want)) < 2e-3  # softmax of 6 classes, averaged noise
+
+
+def test_qdq_tail_pool_stays_float_without_int8_tails():
+    model = make_model(TAIL, {"w": rand((6, 3, 3, 3), 1, 0.3), "b": rand((6,), 2, 0.1)})
+    out, result = apply_pass(QdqInt8, model, {"int8_tails": False},
+                             PassContext(calib=calib((4, 3, 8, 8))))
     quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
     assert quantized == {"x"}
     assert result.stats["activations"] == 1

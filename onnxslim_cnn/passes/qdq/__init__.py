@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from ... import storage
 from ...errors import PreconditionError
+from .. import float16
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
 from . import bias_correct, calibrate, gptq, insert, sensitivity
 from .placement import Plan, plan_graph
@@ -51,6 +52,10 @@ class QdqOptions:
         weight_rounding: ``gptq`` rounds plain Conv/Gemm weights to minimise the layer's
             output error on the calibration inputs (gptq.py); ``nearest`` rounds each
             weight to its nearest grid point.
+        int8_tails: an averaging pool after the last conv (SqueezeNet's conv10 -> Relu
+            -> GlobalAveragePool -> Softmax) gets a Q/DQ on its input so the conv runs
+            as an int8 kernel; the pool stays float and averages the rounding noise.
+            Off: the conv's output stays float, so the conv runs in float.
         weights_only: ``int8`` or ``int4``: only the Conv/Gemm/MatMul weights are
             stored as per-channel integers (no calibration data needed); activations
             stay float. Decoded with Cast+Mul, which onnxruntime folds at load, so the
@@ -69,6 +74,7 @@ class QdqOptions:
     fallback_max_fraction: float = 0.1
     weights_only: str | None = None
     weight_rounding: str = "gptq"
+    int8_tails: bool = True
 
 
 @register
@@ -100,10 +106,16 @@ class QdqInt8(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if self.options.weights_only:
             return self._weights_only(graph)
+        # int8 kernels exist around float32 tensors only: a float16 model computes in
+        # float32 inside and keeps its float16 inputs and outputs.
+        upcast = float16.upcast(graph)
+        return self._finish(self._static(graph, ctx), upcast)
+
+    def _static(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         float_model = gs.export_onnx(graph, do_type_check=False)
         skip = set(self.options.fp32_layers)
         # Statistics of the float model serve every quantization attempt below.
-        facts = self._measure(graph, float_model, plan_graph(graph, skip), ctx)
+        facts = self._measure(graph, float_model, self._plan(graph, skip), ctx)
         if self.options.fallback_sqnr_db > 0:
             trial = gs.import_onnx(float_model)
             trial_result = self._quantize(trial, ctx, skip, facts)
@@ -118,6 +130,14 @@ class QdqInt8(Pass):
             self._sqnr(float_model, graph, result, ctx)
         return result
 
+    def _finish(self, result: PassResult, upcast: int) -> PassResult:
+        if upcast:
+            result.stats["float16_tensors_upcast"] = upcast
+        return result
+
+    def _plan(self, graph: gs.Graph, skip: set[str]) -> Plan:
+        return plan_graph(graph, skip, int8_tails=self.options.int8_tails)
+
     def _measure(self, graph: gs.Graph, float_model, plan: Plan, ctx: PassContext) -> dict:
         """Activation statistics, float output means and Hessians, from the float graph."""
         facts = {"stats": self._calibrate(float_model, plan, ctx), "reference": {}, "hess": {}}
@@ -131,7 +151,7 @@ class QdqInt8(Pass):
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, skip: set[str],
                   facts: dict) -> PassResult:
-        plan = plan_graph(graph, skip)
+        plan = self._plan(graph, skip)
         result = PassResult(changed=bool(plan.reads or plan.weights), declined=plan.declined)
         if not result.changed:
             return result

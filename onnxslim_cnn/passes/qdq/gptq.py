@@ -25,7 +25,11 @@ from .placement import WeightSite
 
 DAMP = 0.01
 BLOCK = 128
-ROWS_PER_BATCH = 4096
+# Rows of X sampled per layer over the whole calibration set: H is K x K (K <= a few
+# thousand in CNNs), so tens of thousands of rows estimate it well; taking every
+# output position of every image costs minutes and changes the rounding little.
+ROWS_TOTAL = 65536
+MIN_ROWS_PER_BATCH = 256
 
 
 def supported(site: WeightSite) -> bool:
@@ -41,16 +45,17 @@ def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict
     names = sorted({s.node.inputs[0].name for s in sites})
     runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
     rng = np.random.default_rng(seed)
+    per_batch = max(MIN_ROWS_PER_BATCH, ROWS_TOTAL // max(len(batches), 1))
     found: dict[str, np.ndarray] = {}
     try:
         for batch in batches:
             values = runner.run_batch(batch)
             for site in sites:
                 try:
-                    rows = _rows(site, values[site.node.inputs[0].name], rng)
+                    rows = _rows(site, values[site.node.inputs[0].name], rng, per_batch)
                 except ValueError:  # a layout im2col does not handle: nearest rounding
                     continue
-                update = rows.T @ rows
+                update = (rows.T @ rows).astype(np.float64)
                 key = site.node.outputs[0].name
                 found[key] = found.get(key, 0) + update
     finally:
@@ -58,16 +63,21 @@ def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict
     return found
 
 
-def _rows(site: WeightSite, x: np.ndarray, rng) -> np.ndarray:
-    """Input rows [M, K] in the flattening order of the weight's reduction axis."""
-    rows = im2col(site.node, x) if site.node.op == "Conv" else x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > ROWS_PER_BATCH:
-        rows = rows[rng.choice(rows.shape[0], ROWS_PER_BATCH, replace=False)]
-    return rows.astype(np.float64)
+def _rows(site: WeightSite, x: np.ndarray, rng, limit: int) -> np.ndarray:
+    """At most ``limit`` random input rows [M, K] (float32) in the flattening order of
+    the weight's reduction axis."""
+    if site.node.op == "Conv":
+        return im2col(site.node, x, rng, limit).astype(np.float32)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > limit:
+        rows = rows[np.sort(rng.choice(rows.shape[0], limit, replace=False))]
+    return rows.astype(np.float32)
 
 
-def im2col(conv, x: np.ndarray) -> np.ndarray:
-    """[N*Ho*Wo, C*kh*kw] patches in (c, kh, kw) order, as W.reshape(C_out, -1)."""
+def im2col(conv, x: np.ndarray, rng=None, limit: int | None = None) -> np.ndarray:
+    """[N*Ho*Wo, C*kh*kw] patches in (c, kh, kw) order, as W.reshape(C_out, -1); with
+    ``limit``, only that many positions drawn by ``rng`` (patches gathered from the
+    window view, so the full patch matrix is never built)."""
     w_shape = conv.inputs[1].values.shape
     kernel = w_shape[2:]
     strides = conv.attrs.get("strides", [1] * len(kernel))
@@ -80,7 +90,13 @@ def im2col(conv, x: np.ndarray) -> np.ndarray:
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
     win = sliding_window_view(x, span, axis=(2, 3))
     win = win[:, :, ::strides[0], ::strides[1], ::dil[0], ::dil[1]]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, int(np.prod(w_shape[1:])))
+    k = int(np.prod(w_shape[1:]))
+    positions = win.shape[0] * win.shape[2] * win.shape[3]
+    if limit is None or positions <= limit:
+        return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, k)
+    pick = np.sort(rng.choice(positions, limit, replace=False))
+    n, i, j = np.unravel_index(pick, (win.shape[0], win.shape[2], win.shape[3]))
+    return win[n, :, i, j].reshape(limit, k)
 
 
 def _pads(conv, size, kernel, strides, dil) -> list[int]:

@@ -74,9 +74,11 @@ class Plan:
     declined: Counter = field(default_factory=Counter)
 
 
-def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False) -> Plan:
+def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False,
+               int8_tails: bool = True) -> Plan:
     """Mark the quantization of ``graph``; nodes named in ``skip`` (by node name or by
-    first output name, which unnamed nodes also have) stay float."""
+    first output name, which unnamed nodes also have) stay float; ``int8_tails``: see
+    ``_prune_tails``."""
     plan = Plan()
     tensors = graph.tensors()
     for node in graph.nodes:
@@ -91,7 +93,7 @@ def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False) -> P
         reason = handler(node, plan, weights_only)
         if reason:
             plan.declined[reason] += 1
-    _prune_tails(plan)
+    _prune_tails(plan, int8_tails)
     _prune_ties(plan, tensors)
     return plan
 
@@ -189,18 +191,24 @@ _HANDLERS.update({op: _single_input for op in POOLS | UNARY})
 _WEIGHTED = {"Conv", "Gemm", "MatMul"}
 
 
-def _prune_tails(plan: Plan) -> None:
+def _prune_tails(plan: Plan, int8_tails: bool = True) -> None:
     """Unmark pooling/data-movement ops whose output no quantized op reads.
 
     Such an op cannot run in int8 (onnxruntime needs a Q after it), so quantizing its
-    input only adds error; e.g. SqueezeNet's GlobalAveragePool -> Softmax keeps the
-    last conv's output in float. Repeats until nothing changes (GAP -> Flatten -> ...).
+    input only adds error; e.g. SqueezeNet's GlobalAveragePool -> Softmax. One
+    exception (``int8_tails``): an averaging pool right after a quantized Conv/Gemm
+    (through Relu/Clip) keeps its input's Q/DQ, because without a Q on its output the
+    conv cannot run as an int8 kernel, and the pool averages the rounding noise away
+    (GAP over H*W positions divides its variance by H*W). The pool itself runs in
+    float on the dequantized tensor. Repeats until nothing changes (GAP -> Flatten...).
     """
     changed = True
     while changed:
         changed = False
         for node in [n for n in plan.layers if n.op in POOLS | UNARY] + plan.movers:
             if node.outputs[0].name in plan.reads:
+                continue
+            if int8_tails and node.op in POOLS and _after_int8_layer(node.inputs[0], plan):
                 continue
             name = node.inputs[0].name
             kept = [(n, i) for n, i in plan.reads.get(name, []) if n is not node]
@@ -210,8 +218,21 @@ def _prune_tails(plan: Plan) -> None:
                     plan.reads[name] = kept
                 else:
                     plan.reads.pop(name, None)
-    plan.layers = [n for n in plan.layers if any(
-        n is r for reads in plan.reads.values() for r, _ in reads) or n.op in _WEIGHTED]
+    readers = {id(r) for reads in plan.reads.values() for r, _ in reads}
+    float_tails = {id(n) for n in plan.layers
+                   if n.op in POOLS and n.outputs[0].name not in plan.reads}
+    plan.layers = [n for n in plan.layers if n.op in _WEIGHTED or (
+        id(n) in readers and id(n) not in float_tails)]
+
+
+def _after_int8_layer(tensor: gs.Tensor, plan: Plan) -> bool:
+    """``tensor`` is the output of a quantized Conv/Gemm, directly or through Relu/Clip."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    while producer is not None and producer.op in ("Relu", "Clip") and len(tensor.outputs) == 1:
+        tensor = producer.inputs[0]
+        producer = tensor.inputs[0] if tensor.inputs else None
+    return producer is not None and producer.op in _WEIGHTED and any(
+        producer is n for n in plan.layers) and len(tensor.outputs) == 1
 
 
 def _prune_ties(plan: Plan, tensors: dict[str, gs.Tensor]) -> None:
