@@ -333,6 +333,7 @@ def test_qdq_bias_correction_reduces_output_bias():
     assert errors["empirical"] < errors["off"]
 
 
+@pytest.mark.real_latency
 def test_qdq_resnet8_real_images_agree():
     path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
     images = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
@@ -351,6 +352,36 @@ def test_qdq_resnet8_real_images_agree():
     assert report.ratio > 3.3
 
 
+
+
+@pytest.mark.parametrize("measured", [2.0, 0.5])
+def test_qdq_latency_guard_keeps_float_compute_when_int8_is_slower(monkeypatch, tmp_path,
+                                                                     measured):
+    from onnxslim_cnn.passes.qdq import latency
+
+    monkeypatch.setattr(latency, "ratio", lambda *args, **kwargs: measured)
+    model = make_model(CNN, cnn_weights())
+    out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib()))
+    ops = optimized_ops(out, tmp_path)
+    feed = {"x": rand((8, 3, 16, 16), 999)}
+    ref, got = run(model, feed)["y"], run(out, feed, optimization="all")["y"]
+    assert result.stats["int8_latency_ratio"] == measured
+    if measured > latency.SLOWER:
+        assert "int8_declined" in result.stats and ops.get("QLinearConv", 0) == 0
+        assert sum(i.data_type == onnx.TensorProto.INT8 for i in out.graph.initializer) == 3
+        assert np.max(np.abs(ref - got)) < 0.05  # int8 weights only, float compute
+    else:
+        assert ops["QLinearConv"] == 2 and "int8_declined" not in result.stats
+        assert cosine(ref, got) > 0.999
+
+
+@pytest.mark.real_latency
+def test_qdq_latency_ratio_of_a_model_against_itself_is_near_one():
+    from onnxslim_cnn.passes.qdq import latency
+
+    model = make_model(CNN, cnn_weights())
+    value = latency.ratio(model, model, {"x": rand((1, 3, 16, 16), 5)}, rounds=9)
+    assert 0.5 < value < 2.0  # same work: the median ratio sits near 1 even under load
 
 
 @pytest.mark.parametrize(("bits", "atol"), [("int8", 0.05), ("int4", 0.6)])

@@ -22,7 +22,7 @@ from ... import storage
 from ...errors import PreconditionError
 from .. import float16
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
-from . import bias_correct, calibrate, gptq, insert, sensitivity
+from . import bias_correct, calibrate, gptq, insert, latency, sensitivity
 from .placement import Plan, plan_graph
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -56,6 +56,8 @@ class QdqOptions:
             -> GlobalAveragePool -> Softmax) gets a Q/DQ on its input so the conv runs
             as an int8 kernel; the pool stays float and averages the rounding noise.
             Off: the conv's output stays float, so the conv runs in float.
+        latency_guard: time the int8 model against the float one (latency.py); when
+            the int8 kernels are slower, keep float compute with int8 weight storage.
         weights_only: ``int8`` or ``int4``: only the Conv/Gemm/MatMul weights are
             stored as per-channel integers (no calibration data needed); activations
             stay float. Decoded with Cast+Mul, which onnxruntime folds at load, so the
@@ -75,6 +77,7 @@ class QdqOptions:
     weights_only: str | None = None
     weight_rounding: str = "gptq"
     int8_tails: bool = True
+    latency_guard: bool = True
 
 
 @register
@@ -109,10 +112,28 @@ class QdqInt8(Pass):
         # int8 kernels exist around float32 tensors only: a float16 model computes in
         # float32 inside and keeps its float16 inputs and outputs.
         upcast = float16.upcast(graph)
-        return self._finish(self._static(graph, ctx), upcast)
-
-    def _static(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         float_model = gs.export_onnx(graph, do_type_check=False)
+        result = self._static(graph, float_model, ctx)
+        if self.options.latency_guard and result.changed:
+            result = self._guard(graph, float_model, result, ctx)
+        return self._finish(result, upcast)
+
+    def _guard(self, graph: gs.Graph, float_model, result: PassResult,
+               ctx: PassContext) -> PassResult:
+        """Float compute with int8 weight storage when the int8 kernels are slower here."""
+        quant = gs.export_onnx(graph, do_type_check=False)
+        slower = latency.ratio(float_model, quant, latency.first_sample(float_model, ctx.calib))
+        result.stats["int8_latency_ratio"] = round(slower, 3)
+        if slower <= latency.SLOWER:
+            return result
+        fallback = gs.import_onnx(float_model)
+        stored = self._weights_only(fallback, bits=8)
+        stored.stats["int8_latency_ratio"] = round(slower, 3)
+        stored.stats["int8_declined"] = (f"int8 kernels {slower:.2f}x the float time here: "
+                                         "weights stored as int8, compute in float")
+        return self._adopt(graph, fallback, stored)
+
+    def _static(self, graph: gs.Graph, float_model, ctx: PassContext) -> PassResult:
         skip = set(self.options.fp32_layers)
         # Statistics of the float model serve every quantization attempt below.
         facts = self._measure(graph, float_model, self._plan(graph, skip), ctx)
@@ -200,8 +221,8 @@ class QdqInt8(Pass):
             records[name]["sqnr_db"] = round(value, 2)
         return sqnr
 
-    def _weights_only(self, graph: gs.Graph) -> PassResult:
-        bits = 4 if self.options.weights_only == "int4" else 8
+    def _weights_only(self, graph: gs.Graph, bits: int | None = None) -> PassResult:
+        bits = bits or (4 if self.options.weights_only == "int4" else 8)
         plan = plan_graph(graph, set(self.options.fp32_layers), weights_only=True)
         result = PassResult(changed=False, declined=plan.declined)
         taken = taken_names(graph)
@@ -234,7 +255,10 @@ class QdqInt8(Pass):
 
     def _params(self, plan: Plan, stats) -> dict[str, insert.QParams]:
         opts = self.options
-        ranges = {n: calibrate.choose_range(stats[n], opts.calib_method, opts.percentile)
+        # A tail tensor is averaged by the pool that reads it: rounding noise averages
+        # away, clipping bias does not, so it keeps its whole range.
+        ranges = {n: calibrate.choose_range(stats[n], "minmax" if n in plan.tails else
+                                            opts.calib_method, opts.percentile)
                   for n in plan.reads}
         for group in plan.groups if opts.share_concat_scales else []:
             members = [n for n in group if n in ranges]

@@ -59,6 +59,8 @@ class Plan:
         groups: sets of tensors sharing one range (Concat inputs and output).
         layers: the compute nodes that run in int8.
         kept: nodes left in float because they were asked to be (``skip``).
+        tails: tensors quantized only so that the conv before them runs in int8; their
+            reader is a float averaging pool (see ``_prune_tails``).
         movers: data-movement nodes (MaxPool, Flatten...) whose output reuses the
             input's parameters.
     """
@@ -71,6 +73,7 @@ class Plan:
     layers: list[gs.Node] = field(default_factory=list)
     movers: list[gs.Node] = field(default_factory=list)
     kept: list[gs.Node] = field(default_factory=list)
+    tails: set[str] = field(default_factory=set)
     declined: Counter = field(default_factory=Counter)
 
 
@@ -209,6 +212,7 @@ def _prune_tails(plan: Plan, int8_tails: bool = True) -> None:
             if node.outputs[0].name in plan.reads:
                 continue
             if int8_tails and node.op in POOLS and _after_int8_layer(node.inputs[0], plan):
+                plan.tails.add(node.inputs[0].name)
                 continue
             name = node.inputs[0].name
             kept = [(n, i) for n, i in plan.reads.get(name, []) if n is not node]
