@@ -333,6 +333,30 @@ def test_qdq_bias_correction_reduces_output_bias():
     assert errors["empirical"] < errors["off"]
 
 
+def test_qdq_bias_correction_waves_group_parallel_branches():
+    """Fire module: squeeze -> (expand1x1 | expand3x3) -> Concat -> conv. The two
+    expands depend on squeeze, not on each other: one wave, one run for both."""
+    from onnxslim_cnn.manager import import_graph
+    from onnxslim_cnn.passes.qdq.bias_correct import _waves
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 8, 8] x) => (float[N, 4, 8, 8] y) {
+        s = Conv (x, ws, bs)
+        rs = Relu (s)
+        e1 = Conv (rs, w1, b1)
+        e3 = Conv <pads = [1, 1, 1, 1]> (rs, w3, b3)
+        c = Concat <axis = 1> (e1, e3)
+        y = Conv (c, wy, by)
+    }
+    """
+    weights = {"ws": rand((4, 8, 1, 1), 1), "bs": rand((4,), 2), "w1": rand((4, 4, 1, 1), 3),
+               "b1": rand((4,), 4), "w3": rand((4, 4, 3, 3), 5), "b3": rand((4,), 6),
+               "wy": rand((4, 8, 1, 1), 7), "by": rand((4,), 8)}
+    graph = import_graph(make_model(text, weights))
+    assert _waves(graph, ["s", "e1", "e3", "y"]) == [["s"], ["e1", "e3"], ["y"]]
+
+
 @pytest.mark.real_latency
 def test_qdq_resnet8_real_images_agree():
     path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"

@@ -5,9 +5,9 @@ clipping and the errors of all upstream layers add up. For each quantized layer 
 a bias, with m_f[c] the mean of output channel c in the float model and m_q[c] in the
 quantized one over the calibration data (emulated in float: Q/DQ as written):
     b'[c] = b[c] + (m_f[c] - m_q[c])
-Correcting one layer changes the inputs of the next, so layers are corrected one at a
-time in topological order, each measured with every upstream correction in place
-(updating all layers at once double-counts upstream shifts and diverges). A subset of
+Correcting one layer changes the inputs of the next, so a layer is measured only once
+every layer upstream of it is corrected (updating all layers at once double-counts
+upstream shifts and diverges); layers on parallel branches share one run. A subset of
 the calibration data (``SAMPLES``) is enough for channel means.
 """
 
@@ -44,19 +44,55 @@ def reference_means(graph: gs.Graph, names: list[str], batches: list[dict]):
 
 def correct(graph: gs.Graph, biases: dict[str, BiasHandle], reference: dict[str, np.ndarray],
             batches: list[dict], progress=lambda m: None) -> float:
-    """Correct the int32 biases in ``biases`` (layer output name -> handle, in topological
-    order) one layer at a time against ``reference_means`` of the same batches; returns
-    the mean |shift| removed."""
+    """Correct the int32 biases in ``biases`` (layer output name -> handle) against
+    ``reference_means`` of the same batches; returns the mean |shift| removed.
+
+    Layers are corrected in waves: a wave holds every layer whose upstream layers are
+    all corrected, so its members cannot affect each other and one run measures them
+    all (the result equals correcting one layer at a time; a chain needs one run per
+    layer, a network with parallel branches fewer)."""
     batches = subset(batches)
     names = [n for n in biases if reference.get(n) is not None]
     shifts = []
-    for i, name in enumerate(names):
-        mean = output_means(graph, [name], batches)[name]
-        delta = reference[name] - mean
-        biases[name].add(delta)
-        shifts.append(float(np.mean(np.abs(delta))))
-        progress(f"bias correction: layer {i + 1}/{len(names)}")
+    waves = _waves(graph, names)
+    for i, wave in enumerate(waves):
+        means = output_means(graph, wave, batches)
+        for name in wave:
+            delta = reference[name] - means[name]
+            biases[name].add(delta)
+            shifts.append(float(np.mean(np.abs(delta))))
+        progress(f"bias correction: wave {i + 1}/{len(waves)}")
     return float(np.mean(shifts)) if shifts else 0.0
+
+
+def _waves(graph: gs.Graph, names: list[str]) -> list[list[str]]:
+    """``names`` grouped by depth: 1 + the deepest of the named tensors upstream."""
+    tensors = graph.tensors()
+    wanted = set(names)
+    depth: dict[str, int] = {}
+    for name in names:  # names are in topological order: upstream depths are known
+        depth[name] = 1 + max((depth.get(u, 0) for u in _upstream(tensors[name], wanted)),
+                              default=0)
+    waves: dict[int, list[str]] = {}
+    for name in names:
+        waves.setdefault(depth[name], []).append(name)
+    return [waves[d] for d in sorted(waves)]
+
+
+def _upstream(tensor: gs.Tensor, wanted: set[str]) -> set[str]:
+    """Tensors in ``wanted`` that ``tensor`` depends on (not itself)."""
+    found, seen, stack = set(), set(), [tensor]
+    while stack:
+        current = stack.pop()
+        for node in current.inputs:
+            for source in node.inputs:
+                if id(source) in seen:
+                    continue
+                seen.add(id(source))
+                if source.name in wanted:
+                    found.add(source.name)
+                stack.append(source)
+    return found
 
 
 def subset(batches: list[dict], samples: int = SAMPLES) -> list[dict]:
