@@ -210,6 +210,26 @@ def test_qdq_saturation_safe_ranges_match_emulation(reduce_range):
     np.testing.assert_allclose(kernel, run(model, feed)["y"], rtol=0.02)
 
 
+def test_qdq_activation_levels_pay_for_the_pair_bound_when_cheaper():
+    """Equal-magnitude weights and activations: 7-bit activations with 8-bit weights
+    cost less output error than 8-bit activations with 7-bit weights (levels.py), and
+    the int8 kernel still computes what the QDQ graph says."""
+    feed = {"x": np.full((1, 8, 4, 4), 0.7, np.float32)}
+    records = {}
+    for mode in ("auto", "full"):
+        out, result = apply_pass(QdqInt8, _saturating_model(),
+                                 {"calib_method": "minmax", "activation_levels": mode},
+                                 PassContext(calib=_saturating_calib()))
+        records[mode] = result.layers[0]
+        kernel = run(out, feed, optimization="all")["y"]
+        np.testing.assert_allclose(kernel, run(out, feed, optimization="disable")["y"],
+                                   rtol=0, atol=0.05)
+        np.testing.assert_allclose(kernel, run(_saturating_model(), feed)["y"], rtol=0.02)
+    assert records["full"]["input_levels"] == 255 and records["full"]["min_qmax"] < 127
+    assert records["auto"]["input_levels"] < 255
+    assert records["auto"]["min_qmax"] > records["full"]["min_qmax"]
+
+
 def test_qdq_full_range_weights_saturate_in_the_kernel():
     """The trap the auto mode avoids: with 8-bit weights everywhere the int8 kernel
     computes something else than the QDQ graph says."""

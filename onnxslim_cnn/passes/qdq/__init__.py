@@ -22,7 +22,7 @@ from ... import storage
 from ...errors import PreconditionError
 from .. import float16
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
-from . import bias_correct, calibrate, gptq, insert, latency, sensitivity
+from . import bias_correct, calibrate, gptq, insert, latency, levels, sensitivity
 from .placement import Plan, plan_graph
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -56,6 +56,10 @@ class QdqOptions:
             -> GlobalAveragePool -> Softmax) gets a Q/DQ on its input so the conv runs
             as an int8 kernel; the pool stays float and averages the rounding noise.
             Off: the conv's output stays float, so the conv runs in float.
+        activation_levels: ``auto`` lets an activation tensor use fewer than 256 uint8
+            levels where that lets its consumers keep wider weight ranges under the
+            AVX2 bound and lowers the expected output error (levels.py); ``full``
+            always uses 256 levels.
         latency_guard: time the int8 model against the float one (latency.py); when
             the int8 kernels are slower, keep float compute with int8 weight storage.
         weights_only: ``int8`` or ``int4``: only the Conv/Gemm/MatMul weights are
@@ -78,6 +82,7 @@ class QdqOptions:
     weight_rounding: str = "gptq"
     int8_tails: bool = True
     latency_guard: bool = True
+    activation_levels: str = "auto"
 
 
 @register
@@ -177,7 +182,7 @@ class QdqInt8(Pass):
         if not result.changed:
             return result
         stats, hess = facts["stats"], facts["hess"]
-        params = self._params(plan, stats)
+        params = self._params(plan, stats, hess)
         mat = self._materialize(graph, plan, stats, params, result, hess)
         if self.options.bias_correction == "empirical":
             shift = bias_correct.correct(graph, mat.biases, facts["reference"], ctx.calib,
@@ -253,7 +258,7 @@ class QdqInt8(Pass):
         hist = reads if self.options.calib_method != "minmax" else []
         return calibrate.collect(model, reads, ctx.calib, hist, ctx.progress)
 
-    def _params(self, plan: Plan, stats) -> dict[str, insert.QParams]:
+    def _params(self, plan: Plan, stats, hess: dict) -> dict[str, insert.QParams]:
         opts = self.options
         # A tail tensor is averaged by the pool that reads it: rounding noise averages
         # away, clipping bias does not, so it keeps its whole range.
@@ -267,9 +272,14 @@ class QdqInt8(Pass):
                 ranges.update({n: union for n in members})
         for out, src in plan.tie.items():
             ranges[out] = ranges[src]
-        make = calibrate.uint8_params if opts.activation_type == "uint8" else \
-            calibrate.int8_params
-        return {n: insert.QParams(*make(*r)) for n, r in ranges.items()}
+        if opts.activation_type != "uint8":
+            return {n: insert.QParams(*calibrate.int8_params(*r)) for n, r in ranges.items()}
+        counts = {n: 255 for n in ranges}
+        if opts.reduce_range == "auto" and opts.activation_levels == "auto" and hess:
+            dense = {id(s.node): const_value(s.node.inputs[s.index]) for s in plan.weights}
+            counts = levels.choose(plan, ranges, stats, hess, dense)
+        return {n: insert.QParams(*levels.uint8_params(*r, counts[n]), counts[n])
+                for n, r in ranges.items()}
 
     def _materialize(self, graph, plan: Plan, stats, params, result: PassResult,
                      hess: dict) -> insert.Materializer:
@@ -284,7 +294,7 @@ class QdqInt8(Pass):
                                        stats.get(act), hess.get(site.node.outputs[0].name))
             mat.weight(site, wq)
             quants[id(site.node)] = wq
-            result.layers.append(_layer_record(site, wq))
+            result.layers.append(_layer_record(site, wq, params.get(act)))
         for site in plan.biases:
             wq, bias = quants[id(site.node)], insert.bias_value(site)
             if self.options.bias_correction == "analytic":
@@ -313,10 +323,11 @@ class QdqInt8(Pass):
         return wq
 
 
-def _layer_record(site, wq: insert.WeightQuant) -> dict:
+def _layer_record(site, wq: insert.WeightQuant, act: insert.QParams | None) -> dict:
     reduced = int(np.sum(wq.qmax < 127))
     output = site.node.outputs[0].name
     return {"layer": site.node.name or output, "op": site.node.op, "output": output,
             "weight_bits": 8,
             "channels": int(wq.qmax.size), "channels_reduced_range": reduced,
-            "min_qmax": int(wq.qmax.min())}
+            "min_qmax": int(wq.qmax.min()),
+            "input_levels": None if act is None else act.levels}

@@ -40,13 +40,14 @@ def supported(site: WeightSite) -> bool:
 
 def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict],
              seed: int = 0) -> dict[str, np.ndarray]:
-    """H = sum of x x^T over (subsampled) im2col rows of every site's input, keyed by the
+    """H = mean of x x^T over (subsampled) im2col rows of every site's input, keyed by the
     site's output name (stable across copies of the graph)."""
     names = sorted({s.node.inputs[0].name for s in sites})
     runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
     rng = np.random.default_rng(seed)
     per_batch = max(MIN_ROWS_PER_BATCH, ROWS_TOTAL // max(len(batches), 1))
     found: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     try:
         for batch in batches:
             values = runner.run_batch(batch)
@@ -58,9 +59,10 @@ def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict
                 update = (rows.T @ rows).astype(np.float64)
                 key = site.node.outputs[0].name
                 found[key] = found.get(key, 0) + update
+                counts[key] = counts.get(key, 0) + rows.shape[0]
     finally:
         runner.close()
-    return found
+    return {key: h / max(counts[key], 1) for key, h in found.items()}
 
 
 def _rows(site: WeightSite, x: np.ndarray, rng, limit: int) -> np.ndarray:

@@ -28,8 +28,11 @@ from .placement import BiasSite, WeightSite
 
 @dataclass(frozen=True)
 class QParams:
+    """Grid of one activation tensor; ``levels``: the uint8 levels its range spans."""
+
     scale: np.float32
     zero: np.generic
+    levels: int = 255
 
 
 @dataclass
