@@ -10,7 +10,8 @@ with the upper Cholesky factor of H^-1 (dampened by ``DAMP`` * mean diag H). The
 the per-output-channel symmetric int8 grid of ``insert.quantize_weight`` (scale fixed
 from the float weights, values clipped to +-q_n).
 
-Only plain convs (group 1) and Gemm/MatMul are handled; others keep nearest rounding.
+Only plain convs (group 1) and Gemm/MatMul with K <= MAX_K are handled; others keep
+nearest rounding.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ BLOCK = 128
 # output position of every image costs minutes and changes the rounding little.
 ROWS_TOTAL = 65536
 MIN_ROWS_PER_BATCH = 256
+# H is K x K in float64 and inverted: VGG's first classifier (K = 25088) would need 5 GB
+# and hours, so wider layers keep nearest rounding (ResNet-50's widest conv: 4608).
+MAX_K = 8192
 
 
 def supported(site: WeightSite) -> bool:
+    """Plain convs and Gemm/MatMul with a reduction axis of at most ``MAX_K``."""
+    w = site.node.inputs[site.index].values
+    if int(np.prod(w.shape)) // w.shape[site.axis] > MAX_K:
+        return False
     if site.node.op == "Conv":
         return int(site.node.attrs.get("group", 1)) == 1
     return site.node.op in ("Gemm", "MatMul")
