@@ -126,7 +126,20 @@ def _pads(conv, size, kernel, strides, dil) -> list[int]:
 
 def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: np.ndarray
                ) -> np.ndarray:
-    """Integer weights [C_out, K] minimising the output error under H (see module doc)."""
+    """Integer weights [C_out, K] minimising the output error under H (see module doc).
+
+    Columns are rounded in order of decreasing H_ii ("act order"): the inputs carrying
+    the most energy are rounded first, while the most columns remain to absorb their
+    error."""
+    order = np.argsort(-np.diag(h), kind="stable")
+    q = _round_in_order(w[:, order], h[np.ix_(order, order)], scale, qmax)
+    out = np.empty_like(q)
+    out[:, order] = q
+    return out
+
+
+def _round_in_order(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: np.ndarray
+                    ) -> np.ndarray:
     w = w.astype(np.float64).copy()
     h = h.copy()
     dead = np.diag(h) == 0
