@@ -20,6 +20,11 @@ from google.protobuf.message import DecodeError, EncodeError
 from .errors import InvalidModelError, OutputError, UnsupportedModelError
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Above this size a model is handed to the checker and onnxruntime as a file: from an
+# in-memory protobuf both need a serialized copy *and* their own parsed copy at once.
+SPILL_BYTES = 64 * 2**20
+# Initializers above this size are reduced to name, type and shape for shape inference.
+STUB_BYTES = 1024
 # Newest default-domain opset that both onnx's version converter and onnxruntime know.
 MAX_OPSET = 22
 
@@ -50,16 +55,17 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 def check(model: onnx.ModelProto, what: str = "model", path: Path | None = None) -> None:
     """Run ``onnx.checker`` on ``model``.
 
-    Above the protobuf limit the checker needs a file: ``path`` when the model was just
-    loaded from it (saves writing gigabytes again), else a temporary copy.
+    Above ``SPILL_BYTES`` (and always above the protobuf limit) the checker reads a
+    file: ``path`` when the model was just loaded from it, else a temporary copy, so
+    memory holds the model and the checker's copy but no serialized bytes besides.
 
     Raises:
         InvalidModelError: the model fails the checker.
     """
     try:
-        if needs_external_data(model) and path is not None:
+        if path is not None and is_large(model):
             onnx.checker.check_model(str(path))
-        elif needs_external_data(model):
+        elif is_large(model):
             with temp_model_path(model) as tmp:
                 onnx.checker.check_model(str(tmp))
         else:
@@ -96,7 +102,8 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+def normalize(model: onnx.ModelProto,
+              in_place: bool = False) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Bring a model into the form the passes expect, exactly (no numeric change).
 
     - ``Constant`` nodes holding a tensor become initializers, so weights stored as
@@ -104,11 +111,18 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     - Initializers also listed as graph inputs (IR 3 style) are dropped from the
       inputs: a runtime must treat such inputs as overridable and cannot fold them.
 
+    Args:
+        model: the model; left untouched unless ``in_place``.
+        in_place: normalise ``model`` itself (a caller that no longer needs the
+            original saves a copy of every weight).
+
     Returns:
-        The normalised copy and counts of what changed.
+        The normalised model (a copy unless ``in_place``) and counts of what changed.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     graph = out.graph
     moved = _constants_to_initializers(graph)
     init_names = {init.name for init in graph.initializer}
@@ -210,6 +224,41 @@ def model_bytes(model: onnx.ModelProto) -> int:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             size += next((int(e.value) for e in init.external_data if e.key == "length"), 0)
     return size
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when the model is better passed to C++ code as a file (``SPILL_BYTES``)."""
+    return serialized_size(model) > SPILL_BYTES
+
+
+def infer_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Types and shapes onnx shape inference derives for the tensors of ``model``.
+
+    Inference runs on a light copy whose initializers above ``STUB_BYTES`` keep only
+    name, type and shape: shape inference reads the values of small constants (Reshape
+    targets, Slice bounds), never of weights, and a full copy of a 500 MB model costs
+    four times its size (serialized, parsed, inferred, parsed back). ``model`` itself is
+    not modified. An empty list when inference fails (shapes help, are not required).
+    """
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    graph.initializer.extend(_stub(t) for t in model.graph.initializer)
+    try:
+        return list(onnx.shape_inference.infer_shapes(light).graph.value_info)
+    except Exception:  # noqa: BLE001  (inference raises untyped errors; shapes are optional)
+        return []
+
+
+def _stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() <= STUB_BYTES:
+        return tensor
+    return onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:

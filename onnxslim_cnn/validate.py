@@ -84,7 +84,9 @@ class Runner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _source(self, model: onnx.ModelProto) -> str | bytes:
-        if model_io.needs_external_data(model):
+        # A large model goes through a file: from bytes onnxruntime would hold the
+        # serialized copy and its own parsed copy at the same time.
+        if model_io.is_large(model):
             return str(self._stack.enter_context(model_io.temp_model_path(model)))
         return model.SerializeToString()
 

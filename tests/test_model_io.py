@@ -329,3 +329,72 @@ def test_save_real_model_over_2gib_round_trips(tmp_path):
     assert got == list(MARKS.values())
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data", "slim.onnx",
                                             "slim.onnx.data"]
+
+
+# --- large models: shape inference without weights, checker and sessions from files ----
+
+# x -> Conv(w: 16*3*3*3 floats, above STUB_BYTES) -> Reshape(shape: a small constant
+# shape inference must read) -> y
+RESHAPE_NET = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, 8, 8] x) => (float[1, 1024] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    y = Reshape (c, shape)
+}
+"""
+
+
+def reshape_net() -> onnx.ModelProto:
+    return make_model(RESHAPE_NET, {"w": rand((16, 3, 3, 3), 0), "b": rand((16,), 1),
+                                    "shape": np.array([1, 1024], dtype=np.int64)})
+
+
+def test_infer_value_info_without_weights_matches_full_inference():
+    model = reshape_net()
+    before = model.SerializeToString()
+    full = onnx.shape_inference.infer_shapes(model).graph.value_info
+    light = model_io.infer_value_info(model)
+    assert model.graph.initializer[0].ByteSize() > model_io.STUB_BYTES  # w was stubbed
+    assert [v.SerializeToString() for v in light] == [v.SerializeToString() for v in full]
+    assert {v.name for v in light} == {"c"}
+    assert model.SerializeToString() == before  # the model itself is untouched
+
+
+def test_infer_value_info_uninferable_model_returns_empty():
+    model = reshape_net()
+    model.graph.node[1].op_type = "NoSuchOp"
+    model.graph.node[1].domain = "custom.domain"
+    assert model_io.infer_value_info(model) == []
+
+
+def test_check_large_model_through_file_same_verdicts(monkeypatch):
+    monkeypatch.setattr(model_io, "SPILL_BYTES", 0)
+    model = conv_model()
+    assert model_io.is_large(model)
+    model_io.check(model)
+    model.graph.node[0].input[1] = "missing"
+    with pytest.raises(InvalidModelError, match="checker"):
+        model_io.check(model)
+
+
+def test_runner_large_model_through_file_same_outputs(monkeypatch):
+    from onnxslim_cnn import validate
+
+    model = conv_model()
+    feed = feeds(model, 3)
+    ref = run(model, feed)
+    monkeypatch.setattr(model_io, "SPILL_BYTES", 0)
+    runner = validate.Runner(model, "disable")
+    try:
+        got = runner.run_batch(feed)
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(got["y"], ref["y"])  # same model, same kernels: exact
+
+
+def test_normalize_in_place_same_result_without_copy():
+    model = make_model(CONSTANTS)
+    copy, counts = model_io.normalize(model)
+    same, counts_in_place = model_io.normalize(model, in_place=True)
+    assert same is model and counts_in_place == counts
+    assert same.SerializeToString() == copy.SerializeToString()
