@@ -46,8 +46,11 @@ HERE = Path(__file__).resolve().parent
 # peer(name, options) = benchmarks/peers.py. One line per configuration.
 TOOLS: dict[str, Tool] = {
     "fp32": ORIGINAL,
-    "ours-lossless": ours(),  # the default preset
+    "ours-lossless": ours(None, "--preset", "lossless"),
     "ours-int8": ours(None, "--preset", "int8"),
+    "ours-safe": ours(None, "--preset", "safe"),
+    "ours-balanced": ours(None, "--preset", "balanced"),
+    "ours-max": ours(None, "--preset", "max"),
     "ours-prune50": ours("fold-bn,prune-weights", "--sparsity", "0.5"),
     "ours-channels25": ours("fold-bn,prune-channels", "--channel-ratio", "0.25"),
     "ours-svd": ours("fold-bn,svd-split"),

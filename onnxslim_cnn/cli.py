@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
-from .config import Budget, Config, DataConfig, Tolerance
+from .config import Budget, Config, DataConfig, Tolerance, parse_size
 from .errors import OnnxSlimError, UsageError
 
 PROG = "onnxslim-cnn"
@@ -43,7 +44,9 @@ def _parser(presets: dict[str, tuple[str, ...]], default_preset: str) -> argpars
     _validation_options(p.add_argument_group("validation"))
     _pass_options(p.add_argument_group("pass options (read by the passes that use them)"))
     o = p.add_argument_group("output")
-    o.add_argument("--report", type=Path, help="write the report as JSON here")
+    o.add_argument("--report", type=Path, help="write the report as JSON here (and, when "
+                   "auto-compress explored trade-offs and matplotlib is installed, a plot "
+                   "beside it with the suffix .png)")
     o.add_argument("--quiet", action="store_true", help="no progress and no table")
     o.add_argument("--debug", action="store_true", help="tracebacks instead of one-liners")
     return p
@@ -52,7 +55,14 @@ def _parser(presets: dict[str, tuple[str, ...]], default_preset: str) -> argpars
 def _pipeline_options(g, presets, default_preset: str) -> None:
     g.add_argument("--passes", help="comma-separated passes, run in the order given")
     g.add_argument("--preset", choices=sorted(presets),
-                   help=f"named pipeline (default {default_preset})")
+                   help=f"named pipeline (default {default_preset}; see --list-passes): "
+                   "lossless = exact rewrites only; safe = + int8 weights, ~4x smaller, no "
+                   "data needed; balanced / max = per-layer int8 or codebook weights chosen "
+                   "by measured sensitivity within half / all of the budget; int8 = static "
+                   "int8 for onnxruntime's int8 kernels (needs --data for best accuracy)")
+    g.add_argument("--target-size", help="aim at a file of at most this size (2MB, 500KB, "
+                   "123456 bytes) within the budget; implies --preset max unless a preset "
+                   "or --passes is given; exit 1 when the budget does not allow it")
     g.add_argument("--skip", action="append", default=[], help="drop a pass (repeatable, "
                    "or comma-separated)")
     g.add_argument("--list-passes", action="store_true", help="list passes and exit")
@@ -88,13 +98,21 @@ def _validation_options(b) -> None:
                    "fails validation")
 
 
-def _pipeline(args, presets, default_preset: str, get_pass) -> tuple[str, ...]:
+def _preset(args, default_preset: str) -> str | None:
+    """The preset whose passes and options apply (None for an explicit --passes)."""
     if args.passes is not None and args.preset:
         raise UsageError("give --passes or --preset, not both")
     if args.passes is not None:
-        names = [n.strip() for n in args.passes.split(",")]
-    else:
-        names = list(presets[args.preset or default_preset])
+        return None
+    if args.preset is None and args.target_size is not None:
+        return "max"
+    return args.preset or default_preset
+
+
+def _pipeline(args, presets, default_preset: str, get_pass) -> tuple[str, ...]:
+    preset = _preset(args, default_preset)
+    names = [n.strip() for n in args.passes.split(",")] if preset is None \
+        else list(presets[preset])
     if any(not n for n in names):
         raise UsageError("--passes has an empty name")
     skip = {n.strip() for s in args.skip for n in s.split(",") if n.strip()}
@@ -136,6 +154,17 @@ def _pass_options(g) -> None:
     g.add_argument("--fallback-sqnr", type=float, dest="fallback_sqnr_db",
                    help="qdq-int8: keep layers whose output SQNR is below this (dB) in "
                    "float, at most 10%% of them (default 15; 0 disables)")
+    g.add_argument("--weight-rounding", choices=("gptq", "nearest"), help="qdq-int8: round "
+                   "Conv/Gemm weights to minimise each layer's output error on the "
+                   "calibration data (gptq, default) or to the nearest level")
+    g.add_argument("--activation-levels", choices=("auto", "full"), help="qdq-int8: let an "
+                   "activation use fewer uint8 levels where that keeps wider weight ranges "
+                   "under the AVX2 pair bound at a lower output error (auto, default)")
+    g.add_argument("--int8-tails", choices=("on", "off"), help="qdq-int8: run the last conv "
+                   "before an averaging pool as an int8 kernel (on, default)")
+    g.add_argument("--latency-guard", choices=("on", "off"), help="qdq-int8: time int8 vs "
+                   "float here and keep float compute with int8 weights when int8 is slower "
+                   "(on, default)")
     g.add_argument("--weights-only", choices=("int8", "int4"), help="qdq-int8: store "
                    "weights as per-channel integers only; activations stay float, no "
                    "calibration data needed")
@@ -171,6 +200,14 @@ def _pass_options(g) -> None:
     g.add_argument("--svd-min-saving", type=float, help="svd-split: smallest fraction of a "
                    "layer's params and FLOPs a split must save (default 0.2)")
     _cluster_options(g)
+    _auto_options(g)
+
+
+def _auto_options(g) -> None:
+    g.add_argument("--auto-candidates", help="auto-compress: comma-separated per-layer "
+                   "candidates among int8 and c1..c8 (cluster bits); default from the preset")
+    g.add_argument("--auto-budget-share", type=float, help="auto-compress: fraction of the "
+                   "budget the search spends on calibration data (balanced 0.5, max 1)")
 
 
 def _cluster_options(g) -> None:
@@ -194,22 +231,26 @@ PASS_OPTIONS = ("calib_method", "percentile", "activation_type", "reduce_range",
                 "threshold", "prune_ops", "prune_first_last", "allocation", "score",
                 "channel_ratio", "channel_score", "rank_ratio", "energy", "svd_error",
                 "svd_mode", "svd_min_saving", "bits", "avg_bits", "min_sqnr_db", "granularity",
-                "kmeans_init", "data_aware")
+                "kmeans_init", "data_aware", "auto_budget_share", "weight_rounding",
+                "activation_levels")
 
 
 def _options(args) -> dict:
     """The pass options given on the command line (absent ones keep pass defaults)."""
     options = {k: getattr(args, k) for k in PASS_OPTIONS if getattr(args, k) is not None}
-    for flag in ("recovery", "sequential"):
+    for flag in ("recovery", "sequential", "int8_tails", "latency_guard"):
         if getattr(args, flag) is not None:
             options[flag] = getattr(args, flag) == "on"
+    if args.auto_candidates:
+        options["auto_candidates"] = tuple(n.strip() for n in args.auto_candidates.split(",")
+                                           if n.strip())
     if args.fp32_layers:
         options["fp32_layers"] = tuple(n.strip() for n in args.fp32_layers.split(",")
                                        if n.strip())
     return options
 
 
-def _config(args, pipeline: tuple[str, ...]) -> Config:
+def _config(args, pipeline: tuple[str, ...], default_preset: str = "safe") -> Config:
     _check_numbers(args)
     tolerance = None
     if args.rtol is not None or args.atol is not None:
@@ -223,6 +264,8 @@ def _config(args, pipeline: tuple[str, ...]) -> Config:
                       min_top1_agreement=args.min_top1_agreement),
         tolerance=tolerance, validate=not args.no_validate, force=args.force,
         quiet=args.quiet, seed=args.seed,
+        preset=_preset(args, default_preset) if pipeline else None,
+        target_size=None if args.target_size is None else parse_size(args.target_size),
     )
 
 
@@ -258,16 +301,21 @@ def _run(argv: list[str]) -> int:
         raise UsageError("need an input and an output path (see --help)")
     if args.check:
         return _check(args)
-    config = _config(args, _pipeline(args, PRESETS, DEFAULT_PRESET, passes.get_pass))
+    config = _config(args, _pipeline(args, PRESETS, DEFAULT_PRESET, passes.get_pass),
+                     DEFAULT_PRESET)
     _check_report_path(args.report, args.input, args.output)
+
+    started = time.perf_counter()
 
     def progress(message: str) -> None:
         if not args.quiet:
-            print(message, file=sys.stderr, flush=True)
+            print(f"{time.perf_counter() - started:7.1f}s {message}", file=sys.stderr,
+                  flush=True)
 
     report = compress(args.input, args.output, config, progress=progress, debug=args.debug)
     if args.report:
         report.write_json(args.report)
+        report.write_plot(args.report.with_suffix(".png"))
     if not args.quiet:
         print(report.table())
     return 0

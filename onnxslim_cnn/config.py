@@ -79,6 +79,9 @@ class Config:
         validate: compare against onnxruntime after each pass (off only when the
             input cannot run in onnxruntime and the user asked for it).
         force: write the result even when the final validation fails.
+        preset: the preset whose pass options apply (``passes`` None: its passes too;
+            None with no passes: the default preset).
+        target_size: the auto-compress pass aims at a file of at most this many bytes.
     """
 
     passes: tuple[str, ...] | None = None
@@ -90,3 +93,27 @@ class Config:
     force: bool = False
     quiet: bool = True
     seed: int = 0
+    preset: str | None = None
+    target_size: int | None = None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: ``2MB``, ``500 KB``, ``1.5MiB``, ``123456`` (decimal units,
+    KiB/MiB binary).
+
+    Raises:
+        UsageError: not a positive size.
+    """
+    import re
+
+    from .errors import UsageError
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"'{text}' is not a size (examples: 2MB, 500KB, 123456)")
+    return max(1, int(float(match.group(1)) * _UNITS[unit]))

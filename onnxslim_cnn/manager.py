@@ -5,14 +5,15 @@ onnx-graphsurgeon -> ``pass.run`` -> cleanup + toposort -> export -> ``onnx.chec
 compare the candidate's onnxruntime outputs with the **original** model's on the
 validation samples. A lossless pass must match within the lossless tolerance, a lossy
 one must stay within the accuracy budget; otherwise the candidate is discarded and the
-previous model (an untouched ModelProto, never mutated by a pass) stays current. The
-run goes on with the next pass. Comparing against the original, not the previous step,
-keeps error from piling up unseen.
+previous model (an untouched ModelProto, never mutated by a pass) stays current, unless
+the pass can retreat (``back_off``: auto-compress makes its worst layer one setting
+safer) and a retreat passes validation. The run goes on with the next pass. Comparing
+against the original, not the previous step, keeps error from piling up unseen.
 """
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from . import __version__, model_io, passes, validate
+from . import __version__, auto, model_io, passes, validate  # noqa: F401 (auto registers)
 from .calibration import Dataset, load_dataset
 from .config import Config
 from .errors import (
@@ -37,42 +38,56 @@ from .errors import (
     ValidationError,
 )
 from .passes.base import Pass, PassContext, PassResult
+from .presets import DEFAULT_PRESET, PRESET_OPTIONS, PRESETS  # noqa: F401 (re-exported)
 from .report import PassRecord, Report
 
-PRESETS: dict[str, tuple[str, ...]] = {
-    "lossless": ("canonicalize", "remove-identity", "fold-constants", "fold-bn",
-                 "fold-affine", "dedup-initializers", "remove-dead"),
-    # Static int8 for onnxruntime's int8 kernels; names compacted (deployment file).
-    "int8": ("canonicalize", "remove-identity", "fold-constants", "fold-bn", "fold-affine",
-             "dedup-initializers", "equalize", "qdq-int8", "remove-dead", "compact-names"),
-}
-DEFAULT_PRESET = "lossless"
+MAX_BACK_OFF = 8  # validation failures a retreating pass may answer with a safer step
 
 
 def build_pipeline(config: Config) -> list[Pass]:
     """Instantiate the configured passes, checking names and ordering constraints.
 
+    The options are the preset's (``config.preset``, or the default preset when no
+    passes are given), overridden by ``config.options``, plus ``target_size``.
+
     Raises:
-        UsageError: unknown pass name, a pass listed twice, or a pass placed before
-            one it must follow.
+        UsageError: unknown pass or preset name, a pass listed twice, a pass placed
+            before one it must follow, or a target size without auto-compress.
     """
-    names = PRESETS[DEFAULT_PRESET] if config.passes is None else tuple(config.passes)
+    preset = config.preset or (DEFAULT_PRESET if config.passes is None else None)
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"unknown preset '{preset}' (known: {', '.join(sorted(PRESETS))})")
+    names = PRESETS[preset] if config.passes is None else tuple(config.passes)
     if len(set(names)) != len(names):
         raise UsageError(f"a pass is listed twice in {', '.join(names)}")
+    if config.target_size is not None and "auto-compress" not in names:
+        raise UsageError("a target size needs the auto-compress pass (--preset max or "
+                         "balanced)")
     classes = [passes.get_pass(name) for name in names]
     for index, cls in enumerate(classes):
         late = [n for n in cls.after if n in names[index + 1:]]
         if late:
             raise UsageError(f"pass '{cls.name}' must run after {', '.join(late)}")
-    return [cls(config.options) for cls in classes]
+    options = PRESET_OPTIONS.get(preset, {}) | config.options
+    if config.target_size is not None:
+        options = options | {"target_size": config.target_size}
+    return [cls(options) for cls in classes]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """graphsurgeon graph of ``model`` with inferred shapes where onnx can infer them."""
-    if not model_io.needs_external_data(model):
-        with contextlib.suppress(Exception):  # shape inference helps, is not required
-            model = onnx.shape_inference.infer_shapes(model)
-    return gs.import_onnx(model)
+    """graphsurgeon graph of ``model`` with inferred shapes where onnx can infer them.
+
+    The graph reads a private copy: graphsurgeon keeps initializers as references to
+    their TensorProtos and renames those protos in place on export, which would edit
+    ``model`` (the rollback point). The inferred shapes come from a light copy
+    (``model_io.infer_value_info``), not from a second full copy of the weights.
+    """
+    own = onnx.ModelProto()
+    own.CopyFrom(model)
+    known = {v.name for v in own.graph.value_info}
+    own.graph.value_info.extend(v for v in model_io.infer_value_info(own)
+                                if v.name not in known)
+    return gs.import_onnx(own)
 
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -113,14 +128,16 @@ class Reference:
 class _Outcome:
     model: onnx.ModelProto | None
     result: PassResult
+    work: onnx.ModelProto | None = None  # the (opset-upgraded) model the pass ran on
 
 
 class Manager:
     """Runs one pipeline over one model; see the module docstring."""
 
     def __init__(self, config: Config, progress: Callable[[str], None] | None = None,
-                 debug: bool = False):
+                 debug: bool = False, owns_input: bool = False):
         self.config = config
+        self.owns_input = owns_input  # run() may normalise the original in place
         self.progress = progress or (lambda message: None)
         self.debug = debug
         self.pipeline = build_pipeline(config)
@@ -134,18 +151,19 @@ class Manager:
             UnsupportedModelError: onnxruntime cannot run the original model.
         """
         self.reference = Reference(original, dataset) if self.config.validate else None
-        model, report.normalized = model_io.normalize(original)
+        model, report.normalized = model_io.normalize(original, in_place=self.owns_input)
         self.lossy = False
         self.metrics = None
         ctx = PassContext(calib=dataset.calib, budget=self.config.budget, seed=self.config.seed,
                           evaluate=lambda m: validate.run_model(m, dataset.calib),
-                          progress=self.progress)
+                          progress=self.progress, calib_labels=dataset.calib_labels)
         done: list[str] = []
         for p in self.pipeline:
             record = self._run_pass(p, model, ctx, tuple(done))
             report.passes.append(record)
             if record.status == "applied":
                 model = self._accepted
+            report.explored += getattr(p, "explored", [])
             done.append(p.name)
             self.progress(f"[{p.name}] {record.status} in {record.seconds:.1f}s"
                           + (f": {record.reason}" if record.reason else ""))
@@ -159,6 +177,7 @@ class Manager:
         start = time.perf_counter()
         try:
             outcome = self._apply(p, model, ctx)
+            gc.collect()  # the pass's graph and its weight copies, before validation runs
         except (PreconditionError, UnsupportedModelError) as exc:
             record.status, record.reason = "skipped", str(exc)
         except Exception as exc:
@@ -169,6 +188,8 @@ class Manager:
             self._record(record, outcome)
             if outcome.model is not None:
                 self._judge(p, outcome.model, record)
+                if record.status == "rolled-back" and hasattr(p, "back_off"):
+                    self._back_off(p, outcome.work, record)
         record.seconds = time.perf_counter() - start
         return record
 
@@ -181,7 +202,27 @@ class Manager:
             # An opset upgrade alone is not what the pass is for: keep the model as is.
             return _Outcome(None, result)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return _Outcome(export_graph(graph, work), result)
+        return _Outcome(export_graph(graph, work), result, work)
+
+    def _back_off(self, p: Pass, work: onnx.ModelProto, record: PassRecord) -> None:
+        """A pass that can retreat (auto-compress: its worst layer one setting safer)
+        does so until its candidate passes validation, at most ``MAX_BACK_OFF`` times."""
+        first = record.reason
+        for step in range(1, MAX_BACK_OFF + 1):
+            graph = import_graph(work)
+            result = p.back_off(graph)
+            if result is None:
+                break
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            self._record(record, _Outcome(None, result))
+            record.reason = None
+            self._judge(p, export_graph(graph, work), record)
+            record.stats["validation_back_offs"] = step
+            self.progress(f"[{p.name}] back-off {step}: {record.status}"
+                          + (f" ({record.reason})" if record.reason else ""))
+            if record.status == "applied":
+                record.reason = f"backed off {step} layer step(s) after: {first}"
+                return
 
     @staticmethod
     def _record(record: PassRecord, outcome: _Outcome) -> None:
@@ -256,7 +297,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     input_path, output_path = Path(input_path), Path(output_path)
     _check_paths(input_path, output_path)
     started = time.perf_counter()
-    manager = Manager(config, progress, debug)
+    manager = Manager(config, progress, debug, owns_input=True)
     original = model_io.load(input_path)
     report = Report(input=str(input_path), output=str(output_path),
                     size_in=model_io.model_bytes(original), opset_in=model_io.opset(original))
@@ -264,6 +305,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     report.data, report.calib_samples, report.val_samples = (
         dataset.source, dataset.calib_count, dataset.val_count)
     result = manager.run(original, dataset, report)
+    _check_target(config, result, report)
     if report.failure and not config.force:
         raise ValidationError(f"result fails validation, nothing written: {report.failure} "
                               "(--force writes it anyway)", report)
@@ -273,6 +315,16 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     report.written = True
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_target(config: Config, result: onnx.ModelProto, report: Report) -> None:
+    """Record a missed ``target_size`` as the run's failure (nothing is written)."""
+    report.target_size = config.target_size
+    size = model_io.model_bytes(result)
+    if config.target_size is None or size <= config.target_size or report.failure:
+        return
+    report.failure = (f"target size {config.target_size} B not reached within the budget: "
+                      f"the smallest result within it has {size} B")
 
 
 def _check_paths(input_path: Path, output_path: Path) -> None:

@@ -53,6 +53,8 @@ class Report:
     failure: str | None = None
     written: bool = False
     seconds: float = 0.0
+    target_size: int | None = None
+    explored: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -68,22 +70,31 @@ class Report:
         Raises:
             OutputError: the folder is missing or not writable.
         """
-        path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
+        _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+
+    def write_plot(self, path: str | Path) -> bool:
+        """PNG of the explored size / accuracy trade-off (``explored``), written
+        atomically; False (nothing written) without matplotlib or explored points.
+
+        Raises:
+            OutputError: the folder is missing or not writable.
+        """
+        if not self.explored:
+            return False
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        figure = _plot(plt, self.explored, Path(self.input).name)
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
+            _atomic_write(Path(path), lambda handle: figure.savefig(handle, format="png"))
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            plt.close(figure)
+        return True
 
     def table(self) -> str:
         """A human-readable summary (one line per pass, then the totals)."""
@@ -111,6 +122,46 @@ class Report:
             parts.append(f"cosine {final['cosine']:.6f}")
         state = "written" if self.written else "NOT written"
         return f"{state}: " + ", ".join(parts) + f" [{self.val_samples} samples: {self.data}]"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(binary handle)`` into a temp file beside ``path``, then replace it."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _plot(plt, explored: list[dict[str, Any]], title: str):
+    """Size (KB) against output SQNR (dB): the allocation path as predicted, and every
+    state the search measured."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    path = sorted((p for p in explored if p.get("kind") == "predicted"),
+                  key=lambda p: p["bytes"])
+    axes.plot([p["bytes"] / 1e3 for p in path], [min(p["sqnr_db"], 100.0) for p in path],
+              c="tab:gray", label="greedy path, predicted from per-layer sensitivity")
+    for ok, colour, label in ((True, "tab:green", "measured: within budget"),
+                              (False, "tab:red", "measured: outside budget")):
+        points = [p for p in explored if p.get("kind") != "predicted" and
+                  p["within_budget"] is ok]
+        axes.scatter([p["bytes"] / 1e3 for p in points],
+                     [min(p["sqnr_db"], 100.0) for p in points], c=colour, label=label)
+    axes.set_xlabel("predicted file size (KB)")
+    axes.set_ylabel("output SQNR on calibration data (dB)")
+    axes.set_title(f"auto-compress trade-off: {title}")
+    axes.legend()
+    figure.tight_layout()
+    return figure
 
 
 def _pass_line(rec: PassRecord) -> str:

@@ -268,7 +268,8 @@ def test_cli_missing_core_dependency_is_one_line(tmp_path, model_file):
 # --- good runs ---------------------------------------------------------------------
 
 def test_cli_good_run_writes_output_and_report(tmp_path, model_file):
-    proc = run_cli("in.onnx", "slim.onnx", "--report", "r.json", cwd=tmp_path)
+    proc = run_cli("in.onnx", "slim.onnx", "--report", "r.json", "--preset", "lossless",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "r.json", "slim.onnx"]  # no temp left
     report = json.loads((tmp_path / "r.json").read_text())
@@ -323,10 +324,12 @@ REFUSE_ALL = ("import onnxslim_cnn.validate as v\n"
 
 
 def test_cli_validation_failure_exits_1_and_writes_nothing(tmp_path, model_file):
-    proc = run_cli("in.onnx", "slim.onnx", "--quiet", cwd=tmp_path, prelude=REFUSE_ALL)
+    proc = run_cli("in.onnx", "slim.onnx", "--quiet", "--preset", "lossless", cwd=tmp_path,
+                   prelude=REFUSE_ALL)
     assert_one_line_failure(proc, 1, "fails validation")
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
-    loud = run_cli("in.onnx", "slim.onnx", cwd=tmp_path, prelude=REFUSE_ALL)
+    loud = run_cli("in.onnx", "slim.onnx", "--preset", "lossless", cwd=tmp_path,
+                   prelude=REFUSE_ALL)
     assert loud.returncode == 1 and "Traceback" not in loud.stderr
     assert loud.stderr.splitlines()[-1].startswith(PROG + "error: result fails validation")
     assert "NOT written" in loud.stdout  # the report table still goes to stdout
@@ -334,7 +337,7 @@ def test_cli_validation_failure_exits_1_and_writes_nothing(tmp_path, model_file)
 
 def test_cli_validation_failure_with_force_writes(tmp_path, model_file):
     proc = run_cli("in.onnx", "slim.onnx", "--quiet", "--force", "--report", "r.json",
-                   cwd=tmp_path, prelude=REFUSE_ALL)
+                   "--preset", "lossless", cwd=tmp_path, prelude=REFUSE_ALL)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["written"] is True and report["failure"] == "refused by the test"
@@ -413,3 +416,15 @@ def test_cli_check_mode_gates_on_budget(tmp_path):
     failed = run_cli("a.onnx", "bad.onnx", "--check", cwd=tmp_path)
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["within_budget"] is False
+
+
+def test_cli_qdq_flags_reach_the_pass_options():
+    args = cli._parser({"lossless": ()}, "lossless").parse_args(
+        ["in.onnx", "out.onnx", "--weight-rounding", "nearest", "--activation-levels", "full",
+         "--int8-tails", "off", "--latency-guard", "on", "--reduce-range", "on"])
+    options = cli._options(args)
+    assert options == {"weight_rounding": "nearest", "activation_levels": "full",
+                       "int8_tails": False, "latency_guard": True, "reduce_range": "on"}
+    qdq = REGISTRY["qdq-int8"](options).options
+    assert (qdq.weight_rounding, qdq.activation_levels, qdq.int8_tails, qdq.latency_guard) == \
+        ("nearest", "full", False, True)

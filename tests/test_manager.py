@@ -264,8 +264,8 @@ def test_manager_unknown_or_repeated_pass_raises_usage_error():
         build_pipeline(Config(passes=("fold-bn", "fold-bn")))
 
 
-def test_manager_default_pipeline_is_lossless_preset():
-    assert tuple(p.name for p in build_pipeline(Config())) == PRESETS["lossless"]
+def test_manager_default_pipeline_is_safe_preset():
+    assert tuple(p.name for p in build_pipeline(Config())) == PRESETS["safe"]
 
 
 # ---------------------------------------------------------------- opset upgrades
@@ -341,7 +341,7 @@ def test_compress_failing_final_validation_writes_nothing(tmp_path, monkeypatch)
     before, mtime = src.read_bytes(), src.stat().st_mtime_ns
     monkeypatch.setattr(validate, "check_lossless", _fail_everything)
     with pytest.raises(ValidationError, match="forced failure") as info:
-        compress(src, tmp_path / "out.onnx")
+        compress(src, tmp_path / "out.onnx", Config(preset="lossless"))
     report = info.value.report
     assert set(statuses(report)) <= {"rolled-back", "no-op"}
     assert report.failure == "forced failure" and not report.written
@@ -354,7 +354,7 @@ def test_compress_failing_final_validation_forced_writes(tmp_path, monkeypatch):
     model = conv_bn_id()
     src = save(model, tmp_path / "in.onnx")
     monkeypatch.setattr(validate, "check_lossless", _fail_everything)
-    report = compress(src, tmp_path / "out.onnx", Config(force=True))
+    report = compress(src, tmp_path / "out.onnx", Config(force=True, preset="lossless"))
     assert report.written and report.failure == "forced failure"
     out = onnx.load(str(tmp_path / "out.onnx"))
     assert op_counts(out) == op_counts(model)  # every pass was rolled back
@@ -375,10 +375,11 @@ def test_compress_never_touches_input(tmp_path):
 
 
 def _lossless_pipeline_checks(src: Path, out_path: Path) -> tuple[onnx.ModelProto, object]:
-    """Run ``compress`` with the default pipeline and check what holds for any model."""
+    """Run ``compress`` with the lossless preset and check what holds for any model."""
     before, mtime = src.read_bytes(), src.stat().st_mtime_ns
-    # Default pipeline; 2+2 seeded random samples keep EfficientNet at a few seconds.
-    report = compress(src, out_path, Config(data=DataConfig(random_count=2)))
+    # 2+2 seeded random samples keep EfficientNet at a few seconds.
+    report = compress(src, out_path, Config(data=DataConfig(random_count=2),
+                                            preset="lossless"))
     assert set(statuses(report)) <= {"applied", "no-op"}, report.table()
     assert report.failure is None and report.written
     assert src.read_bytes() == before and src.stat().st_mtime_ns == mtime

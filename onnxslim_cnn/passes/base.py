@@ -50,6 +50,7 @@ class PassContext:
         evaluate: runs a ModelProto on the calibration batches, returning its outputs
             (data-aware passes use it to measure sensitivity).
         progress: reports progress of long steps (no-op when quiet).
+        calib_labels: class labels of the calibration samples, when the data has them.
     """
 
     calib: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -57,6 +58,7 @@ class PassContext:
     seed: int = 0
     evaluate: Callable[..., dict[str, np.ndarray]] | None = None
     progress: Callable[[str], None] = lambda message: None
+    calib_labels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,17 @@ a pruned layer keeps an exact 0 centroid so zeros stay zeros); with calibration 
 error-feedback assignment of the weights to those centroids (assign.py, GPTQ-style)
 and least-squares centroids minimising the layer's output error on calibration patches
 (refine.py: a k x k system per codebook), then a bias correction cancelling the mean
-output error (b' = b - (w' - w) . mu). Bits per layer (select.py): fixed ``bits``, or the
-cheapest bits meeting ``min_sqnr_db``, or a size budget ``avg_bits`` spread by marginal
-output-SQNR gain per byte (candidates are scored after k-means + bias correction; the
-chosen one is then refined). Output SQNR per layer, 10 log10(w^T G w / e^T S e) with G
-the second moment of the layer's input patches (S: G, or their covariance when the bias
-absorbs the mean), is reported for k-means (``sqnr_kmeans_db``) and the result
-(``sqnr_db``); their mean difference is ``mean_refine_gain_db``.
+output error (b' = b - (w' - w) . mu). With data the layers go in sequential order
+(sequence.py): each is fitted on its input in the model whose earlier layers are already
+clustered, towards its original output. Bits per layer (select.py): fixed ``bits``, or
+the cheapest bits meeting ``min_sqnr_db``, or a size budget ``avg_bits`` spread by
+marginal network-noise drop per byte: candidates are scored after k-means + bias
+correction, plus the refinement gain measured at ``PROBE_BITS``, and weighted by each
+layer's measured network sensitivity (sensitivity.py). Output SQNR per layer,
+10 log10(w^T G w / e^T S e) with G the second moment of the layer's input patches
+(S: G, or their covariance when the bias absorbs the mean), is reported for k-means
+(``sqnr_kmeans_db``) and the result (``sqnr_db``); their mean difference is
+``mean_refine_gain_db``.
 
 Declines when: the weight is not a float32 constant, is shared by several nodes, the
 Conv is not 2-D or uses auto_pad, a Gemm uses transA, or the encoding would not make
@@ -28,6 +32,7 @@ the file smaller (tiny tensors).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -37,9 +42,13 @@ import onnx_graphsurgeon as gs
 from ... import storage
 from ...errors import PreconditionError
 from ..base import Pass, PassContext, PassResult, register, taken_names, unique_name
-from . import kmeans, refine, select, sites
+from . import kmeans, refine, select, sensitivity, sequence, sites
 
 SMALL = 64 * 1024  # below this many dense bytes, encode in a scratch graph first
+PROBE_BITS = 3  # width at which each layer's network sensitivity is measured
+# widths a budget chooses from: 1 bit is never worth it and 7 rarely beats 6 or 8, and
+# every candidate costs a k-means per layer
+BUDGET_WIDTHS = (2, 3, 4, 5, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,8 @@ class ClusterOptions:
         granularity: ``auto`` (chosen per layer), ``channel`` or ``tensor`` codebooks.
         kmeans_init: one of kmeans.INITS.
         data_aware: least-squares centroids on calibration data (else plain k-means).
+        sequential_fit: fit each layer on the inputs of the model whose earlier layers
+            are already clustered (sequence.py), with calibration data.
     """
 
     bits: int | None = None
@@ -61,6 +72,7 @@ class ClusterOptions:
     granularity: str = "auto"
     kmeans_init: str = "linear"
     data_aware: bool = True
+    sequential_fit: bool = True
 
 
 @register
@@ -94,12 +106,45 @@ class ClusterWeights(Pass):
             return result
         start = time.perf_counter()
         grams = self._grams(graph, found, ctx)
-        chosen = self._choose(found, grams, ctx)
+        picks = self._choose(graph, found, grams, ctx)
         taken = taken_names(graph)
-        for site, clustered in zip(found, chosen, strict=True):
-            self._encode(graph, site, clustered, grams, taken, result)
+        later = {}
+        if self.options.sequential_fit and self.options.data_aware and grams:
+            reference = gs.export_onnx(graph, do_type_check=False)
+            later = {s.key: p for s, p in zip(found, picks, strict=True) if s.key in grams}
+        for site, pick in zip(found, picks, strict=True):
+            if site.key not in later:
+                reuse = pick.clustering is not None and not (
+                    self.options.data_aware and site.key in grams)
+                clustered = pick.clustering if reuse else self._cluster(
+                    site, pick.bits, pick.per_channel, self._quads([site], grams), ctx)
+                self._encode(graph, site, clustered, _plain_shift(site, clustered, grams),
+                             taken, result)
+        if later:
+            self._sequential(graph, [s for s in found if s.key in later], later, reference,
+                             ctx, taken, result)
         self._stats(result, time.perf_counter() - start)
         return result
+
+    def _sequential(self, graph, found, picks, reference, ctx, taken, result) -> None:
+        """Cluster wave by wave on the partly clustered model's inputs (sequence.py)."""
+        for n, wave in enumerate(sequence.waves(graph, found)):
+            ctx.progress(f"cluster-weights: sequential wave {n + 1} ({len(wave)} layers)")
+            working = gs.export_onnx(graph, do_type_check=False)
+            shifted = sequence.collect(reference, working, wave, ctx.calib, ctx.seed)
+            for site in wave:
+                stats, centred = shifted[site.key], site.bias is not None
+                target = stats.target(site.w2, centred)
+                if site.pruned:
+                    target = np.where(site.w2 == 0, 0.0, target)
+                fitted = dataclasses.replace(site, w2=target)
+                quad = refine.Quadratic(target, stats.moments, centred)
+                pick = picks[site.key]
+                clustered = sites.cluster(fitted, pick.bits, pick.per_channel, quad,
+                                          self.options.kmeans_init, ctx.seed, True)
+                decoded = sites.decode(clustered.idx, clustered.codebook, pick.per_channel)
+                shift = stats.bias_shift(site.w2, decoded) if centred else None
+                self._encode(graph, fitted, clustered, shift, taken, result)
 
     # -- data ------------------------------------------------------------------------
 
@@ -122,39 +167,67 @@ class ClusterWeights(Pass):
         return sites.cluster(site, bits, per_channel, quads[site.key], self.options.kmeans_init,
                              ctx.seed, self.options.data_aware and refine_it)
 
-    def _choose(self, found, grams, ctx) -> list[sites.Clustered]:
+    @staticmethod
+    def _quads(found, grams) -> dict[str, refine.Quadratic]:
+        return {s.key: refine.Quadratic(s.w2, grams.get(s.key), s.bias is not None)
+                for s in found}
+
+    def _choose(self, graph, found, grams, ctx) -> list[select.Candidate]:
         o = self.options
         widths = [o.bits or 4] if o.avg_bits is None and o.min_sqnr_db is None else \
-            list(range(1, 9))
+            list(BUDGET_WIDTHS)
         options = [(b, pc) for b in widths for pc in self._granularities()]
-        quads = {s.key: refine.Quadratic(s.w2, grams.get(s.key), s.bias is not None)
-                 for s in found}
+        if len(options) == 1:  # nothing to choose
+            return [select.Candidate(*options[0], 0, 0.0) for _ in found]
+        quads = self._quads(found, grams)
         # candidates are scored after k-means and bias correction; only the chosen one is
         # refined (refining costs O * P^2 per candidate, scoring one GEMM)
-        refine_all = len(options) == 1
         table = []
         for i, site in enumerate(found):
             ctx.progress(f"cluster-weights: layer {i + 1}/{len(found)} {site.key}")
-            table.append([self._candidate(site, b, pc, quads, ctx, refine_all)
+            # keeping every candidate's indices would cost memory; two are cheap
+            table.append([self._candidate(site, b, pc, quads, ctx, len(options) <= 2)
                           for b, pc in options])
         if o.avg_bits is not None:
-            picks = select.by_size(table, o.avg_bits / 8 * sum(s.size for s in found))
+            scale = None
+            if ctx.calib:
+                scale, table = self._sensitivities(graph, found, table, quads, grams, ctx)
+            picks = select.by_size(table, o.avg_bits / 8 * sum(s.size for s in found), scale)
         elif o.min_sqnr_db is not None:
             picks = select.by_error(table, o.min_sqnr_db)
         else:
             picks = [select.fixed(cands, s.size) for cands, s in zip(table, found,
                                                                      strict=True)]
-        # deterministic, so recomputing the picked one beats keeping every candidate
-        return [self._cluster(s, c.bits, c.per_channel, quads, ctx)
-                for s, c in zip(found, picks, strict=True)]
+        return picks
 
-    def _candidate(self, site, bits, per_channel, quads, ctx, refine_it) -> select.Candidate:
-        c = self._cluster(site, bits, per_channel, quads, ctx, refine_it)
-        return select.Candidate(bits, per_channel, c.nbytes, c.sqnr_db)
+    def _sensitivities(self, graph, found, table, quads, grams, ctx):
+        """(per layer network output noise per unit of layer noise, the table with each
+        layer's refinement gain added to its k-means scores), probed with the layer's
+        refined best ``PROBE_BITS`` candidate (sensitivity.py)."""
+        probes, own, adjusted = {}, {}, []
+        for site, cands in zip(found, table, strict=True):
+            pick = select.fixed([c for c in cands if c.bits == PROBE_BITS], site.size)
+            c = self._cluster(site, pick.bits, pick.per_channel, quads, ctx)
+            probes[site.key] = _probe_values(site, c, _plain_shift(site, c, grams))
+            own[site.key] = 10 ** (-c.sqnr_db / 10)
+            # refinement gains about the same dB at every width (measured on SqueezeNet:
+            # 4.4 / 5.4 dB at 3 / 4 bits for a 3x3 conv, 1.7 / 1.9 dB for a 1x1 one)
+            gain = c.sqnr_db - c.sqnr_kmeans_db
+            adjusted.append([dataclasses.replace(x, sqnr_db=x.sqnr_db + gain) for x in cands])
+        ctx.progress(f"cluster-weights: network sensitivity of {len(found)} layers")
+        net = sensitivity.network_noise(gs.export_onnx(graph, do_type_check=False), probes,
+                                        ctx.calib)
+        return [net[s.key] / max(own[s.key], 1e-30) for s in found], adjusted
+
+    def _candidate(self, site, bits, per_channel, quads, ctx, keep) -> select.Candidate:
+        """A scored k-means candidate (not refined); ``keep``: with its clustering."""
+        c = self._cluster(site, bits, per_channel, quads, ctx, False)
+        return select.Candidate(bits, per_channel, c.nbytes, c.sqnr_db, c if keep else None)
 
     # -- storage ---------------------------------------------------------------------
 
-    def _encode(self, graph, site, clustered, grams, taken, result: PassResult) -> None:
+    def _encode(self, graph, site, clustered, shift, taken, result: PassResult) -> None:
+        """Store ``clustered`` in place of the weight; ``shift``: bias change or None."""
         idx, book = sites.stored_layout(site, clustered)
         axis = site.axis if clustered.per_channel else None
         dense = int(np.asarray(site.const.values).nbytes)
@@ -168,9 +241,8 @@ class ClusterWeights(Pass):
         encoded = storage.encode_codebook(graph, site.const.name, idx, book, clustered.bits,
                                           taken=taken, per_channel_axis=axis)
         storage.replace_with(graph, site.const, encoded)
-        moments = grams.get(site.key)
-        if moments is not None and site.bias is not None:
-            _correct_bias(site, clustered, moments, taken)
+        if shift is not None and site.bias is not None:
+            _correct_bias(site, shift, taken)
         result.changed = True
         result.layers.append(_record(site, clustered, encoded))
 
@@ -188,10 +260,29 @@ class ClusterWeights(Pass):
             seconds=round(seconds, 3))
 
 
-def _correct_bias(site: sites.Site, clustered: sites.Clustered, moments, taken) -> None:
-    """b' = b - (w' - w) . mu per output channel, as a new constant (refine.py)."""
+def _plain_shift(site: sites.Site, clustered: sites.Clustered, grams) -> np.ndarray | None:
+    """b' - b = -(w' - w) . mu per output channel (refine.py), when there is data."""
+    moments = grams.get(site.key)
+    if moments is None or site.bias is None:
+        return None
     decoded = sites.decode(clustered.idx, clustered.codebook, clustered.per_channel)
-    shift = refine.bias_shift(site.w2, decoded, moments.mean)
+    return refine.bias_shift(site.w2, decoded, moments.mean)
+
+
+def _probe_values(site: sites.Site, clustered: sites.Clustered, shift) -> dict:
+    """{initializer name: value} of the site's decoded weight (and shifted bias)."""
+    w2 = sites.decode(clustered.idx, clustered.codebook, clustered.per_channel)
+    shape = np.asarray(site.const.values).shape
+    out = {site.const.name: (w2.T if site.transposed else w2).reshape(shape).astype(
+        np.float32)}
+    if shift is not None and isinstance(site.bias, gs.Constant):
+        bias = np.asarray(site.bias.values)
+        out[site.bias.name] = (bias + shift.reshape(bias.shape)).astype(np.float32)
+    return out
+
+
+def _correct_bias(site: sites.Site, shift: np.ndarray, taken) -> None:
+    """b' = b + shift, as a new constant."""
     old = site.bias
     fresh = isinstance(old, str)
     value = np.zeros(shift.shape, np.float32) if fresh else np.asarray(old.values)

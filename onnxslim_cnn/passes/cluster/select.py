@@ -8,10 +8,12 @@ and output SQNR (refine.py). Three ways to choose:
 - error budget (``min_sqnr_db``): each layer's cheapest candidate reaching the SQNR,
   else its best one;
 - size budget (``avg_bits``, codebooks included): start every layer at its cheapest
-  candidate, then repeatedly take the upgrade with the largest drop of relative output
+  candidate, then repeatedly take the upgrade with the largest drop of network output
   noise per added byte,
 
-      gain = (10^(-SQNR_now/10) - 10^(-SQNR_new/10)) / (bytes_new - bytes_now),
+      gain = s_l (10^(-SQNR_now/10) - 10^(-SQNR_new/10)) / (bytes_new - bytes_now),
+
+  with s_l the layer's measured sensitivity (sensitivity.py; 1 without data),
 
   while the total stays within avg_bits / 8 * (number of weights). Looking at every
   dearer candidate of a layer, not only the next, walks the lower convex hull.
@@ -19,7 +21,7 @@ and output SQNR (refine.py). Three ways to choose:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DB_PER_BIT = 6.02
 
@@ -30,6 +32,7 @@ class Candidate:
     per_channel: bool
     bytes: int
     sqnr_db: float
+    clustering: object = field(default=None, compare=False, repr=False)  # if kept
 
 
 def fixed(cands: list[Candidate], size: int) -> Candidate:
@@ -47,8 +50,15 @@ def by_error(layers: list[list[Candidate]], min_db: float) -> list[Candidate]:
     return out
 
 
-def by_size(layers: list[list[Candidate]], budget: float) -> list[Candidate]:
-    """Greedy marginal-gain allocation under a total byte ``budget`` (module docstring)."""
+def by_size(layers: list[list[Candidate]], budget: float,
+            scale: list[float] | None = None) -> list[Candidate]:
+    """Greedy marginal-gain allocation under a total byte ``budget`` (module docstring).
+
+    Args:
+        scale: per layer, network output noise per unit of the layer's relative noise
+            (sensitivity.py); None weighs every layer alike.
+    """
+    scale = scale or [1.0] * len(layers)
     pick = [min(cands, key=lambda c: (c.bytes, -c.sqnr_db)) for cands in layers]
     total = sum(c.bytes for c in pick)
     while True:
@@ -59,7 +69,7 @@ def by_size(layers: list[list[Candidate]], budget: float) -> list[Candidate]:
                 extra = c.bytes - now.bytes
                 if extra <= 0 or total + extra > budget:
                     continue
-                gain = (_noise(now) - _noise(c)) / extra
+                gain = scale[i] * (_noise(now) - _noise(c)) / extra
                 if gain > best_gain:
                     best, best_gain = (i, c), gain
         if best is None:

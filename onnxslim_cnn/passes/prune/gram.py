@@ -101,25 +101,44 @@ def layer_of(node: gs.Node) -> Layer | str:
     return Layer(node, weight, bias)
 
 
-def patches(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """Input rows [P, G, K] of ``layer`` for the input batch ``x``."""
+def patches(layer: Layer, x: np.ndarray, pick: np.ndarray | None = None) -> np.ndarray:
+    """Input rows [P, G, K] of ``layer`` for the input batch ``x`` (only the rows
+    ``pick`` of them, in row-major (n, i, j) order, when given)."""
     if layer.node.op != "Conv":
-        return x.reshape(-1, 1, x.shape[-1])
+        r = x.reshape(-1, 1, x.shape[-1])
+        return r if pick is None else r[pick]
     a = layer.node.attrs
     kh, kw = layer.weight.shape[2:]
     sh, sw = a.get("strides", [1, 1])
     dh, dw = a.get("dilations", [1, 1])
     pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
     x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    if pick is not None:
+        return _picked(layer, x, pick)
     win = sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [n, C, Ho, Wo, kh, kw]
     rows = win.transpose(0, 2, 3, 1, 4, 5)
     return rows.reshape(-1, layer.groups, rows.shape[3] // layer.groups * kh * kw)
 
 
-def rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+def _picked(layer: Layer, padded: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The rows ``pick`` of patches() from the padded input, gathered directly."""
+    a = layer.node.attrs
+    kh, kw = layer.weight.shape[2:]
+    (sh, sw), (dh, dw) = a.get("strides", [1, 1]), a.get("dilations", [1, 1])
+    ho = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    wo = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    n, i, j = np.unravel_index(pick, (padded.shape[0], ho, wo))
+    hi = (i[:, None] * sh + np.arange(kh) * dh)[:, None, :, None]
+    wi = (j[:, None] * sw + np.arange(kw) * dw)[:, None, None, :]
+    c = np.arange(padded.shape[1])[None, :, None, None]
+    win = padded[n[:, None, None, None], c, hi, wi]  # [P, C, kh, kw]
+    return win.reshape(pick.size, layer.groups, -1)
+
+
+def rows(layer: Layer, x: np.ndarray, pick: np.ndarray | None = None) -> np.ndarray:
     """Input rows [P, G, K(+1)]: patches with a trailing 1 where there is a bias slot."""
-    r = patches(layer, x)
+    r = patches(layer, x, pick)
     if not layer.has_bias_slot:
         return r
     return np.concatenate([r, np.ones((*r.shape[:2], 1), r.dtype)], axis=2)
@@ -131,16 +150,29 @@ def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray,
 
     At most ``cap`` patch rows of the batch are used (a seeded sample, the same rows of
     X and Y): H is a sum over positions, its cost rows * K^2; callers share TOTAL_ROWS
-    among their batches.
+    among their batches. Only the sampled patches are ever built (the full im2col of an
+    early EfficientNet layer is hundreds of MB per batch).
     """
-    rx = rows(layer, x)
-    ry = rx if y is None else rows(layer, y)
-    if rx.shape[0] > cap:
-        pick = np.sort(np.random.default_rng(rx.shape[0]).choice(
-            rx.shape[0], cap, replace=False))
-        rx, ry = rx[pick], ry[pick]
+    count = _positions(layer, x)
+    pick = None if count <= cap else np.sort(
+        np.random.default_rng(count).choice(count, cap, replace=False))
+    rx = rows(layer, x, pick)
+    ry = rx if y is None else rows(layer, y, pick)
     part = np.matmul(rx.transpose(1, 2, 0), ry.transpose(1, 0, 2))  # BLAS per group
     return part.astype(np.float64) if total is None else total + part
+
+
+def _positions(layer: Layer, x: np.ndarray) -> int:
+    """Number of patch rows of ``x`` for ``layer`` (batch * output positions)."""
+    if layer.node.op != "Conv":
+        return int(np.prod(x.shape[:-1]))
+    kh, kw = layer.weight.shape[2:]
+    a = layer.node.attrs
+    (sh, sw), (dh, dw) = a.get("strides", [1, 1]), a.get("dilations", [1, 1])
+    pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
+    ho = (x.shape[2] + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    wo = (x.shape[3] + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    return x.shape[0] * ho * wo
 
 
 def collect_grams(model, layers: list[Layer], batches: list[dict],
@@ -154,14 +186,14 @@ def collect_grams(model, layers: list[Layer], batches: list[dict],
             values = runner.run_batch(batch)
             for layer in layers:
                 x = values[layer.input_name].astype(np.float32)
-                grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=_cap(batches))
+                grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=row_cap(batches))
             progress(f"pruning statistics: batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
     return grams
 
 
-def _cap(batches: list[dict]) -> int:
+def row_cap(batches: list[dict]) -> int:
     return max(64, TOTAL_ROWS // max(len(batches), 1))
 
 
@@ -182,8 +214,8 @@ def cross_grams(reference, working, layer: Layer, batches: list[dict]):
         for batch in batches:
             xo = ref.run_batch(batch)[name].astype(np.float32)
             xp = work.run_batch(batch)[name].astype(np.float32)
-            hp = gram_add(hp, layer, xp, cap=_cap(batches))
-            cross = gram_add(cross, layer, xp, xo, cap=_cap(batches))
+            hp = gram_add(hp, layer, xp, cap=row_cap(batches))
+            cross = gram_add(cross, layer, xp, xo, cap=row_cap(batches))
     finally:
         ref.close()
         work.close()

@@ -1,4 +1,4 @@
-"""prune-weights: unstructured magnitude pruning, re-fit on data, stored sparse.
+"""prune-weights: unstructured pruning with data-aware recovery, stored sparse.
 
 Why: half the weights of a CNN can be zero at little accuracy cost once the kept ones
 are re-fitted; stored as a bitmask plus the nonzeros, the file shrinks ~1.9x per layer
@@ -10,21 +10,24 @@ After:   unpack(mask) -> CumSum -> Gather(values) -> W' (folded at load)
 
 Layers: Conv/Gemm/MatMul with a constant float32 weight read by them alone
 (``prune_ops``), except the first and the last compute layer (the stem conv and the
-classifier) unless ``prune_first_last``.
-Which weights: per layer the fraction s_l with the lowest score, |w| (``magnitude``, the
-default) or |w| * sqrt(H_jj) (``activation``: weight times its input's RMS on the data;
-on ResNet-8 it kept top-1 slightly worse after the re-fit, within noise).
+classifier) unless ``prune_first_last``. "Prunable layers" are these; the sparsity
+target is the fraction of *their* weights set to zero.
 s_l: ``threshold`` drops |w| < t; else ``sparsity`` everywhere (``uniform``) or from
-measured sensitivity (``sensitivity``, see allocate.py) with the parameter-weighted
-average of s_l >= ``sparsity``.
-Recovery (``recovery``): the kept weights and the bias of each row are re-fitted by
-least squares on the calibration inputs (gram.py); per layer the report gives the
-relative output error on the data with plain masking and after the re-fit,
+measured sensitivity (``sensitivity``, allocate.py: per layer the relative output error
+of masking s_l of its lowest-|w| weights on the calibration data, weighted by how much
+of it reaches the model output, reach.py) with the parameter-weighted average of
+s_l >= ``sparsity``.
+Which weights and recovery (``prune_method``, recover.py): ``obs`` (default) chooses the
+mask by the OBS saliency and compensates with the inverse Gram matrix (SparseGPT,
+obs.py), then re-fits the kept weights jointly; ``refit`` masks by ``score`` (|w|, or
+|w| * input RMS) and solves each row's least squares (gram.py, slow on big layers).
+``recovery`` off: masking only. Per layer the report gives the relative output error on
+the data with plain masking and after recovery,
     err = (w~' - w~)^T H (w~' - w~) / (w~^T H w~)     (dB: 10 log10 err)
-``sequential`` re-fits layer by layer in graph order on the inputs of the already
-pruned model against the original outputs (``gram.cross_grams``; ``err_mask_seq_db``
-is then masking on those same inputs). It also repairs upstream error but runs the
-model twice per layer: off by default (SqueezeNet 1.1: 2.1x the pass time).
+``sequential`` prunes in waves (sequence.py): each layer's Gram matrix comes from the
+inputs of the already pruned model and it is fitted to the original outputs, which
+also repairs upstream error (``err_mask_seq_db`` is masking on those inputs); two
+forwards per wave, off by default.
 Storage: ``storage.encode_sparse`` when its ``file_bytes`` are below the dense
 initializer's, else the pruned weight stays dense (reason counted).
 
@@ -44,9 +47,10 @@ from ... import storage
 from ...errors import PreconditionError
 from ..base import Pass, PassContext, PassResult, register, taken_names, unique_name
 from ..qdq.bias_correct import subset
-from . import allocate, gram
+from . import allocate, gram, reach, recover, sequence
 
 OPS = {"conv": "Conv", "gemm": "Gemm", "matmul": "MatMul"}
+METHODS = ("obs", "refit")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class PruneWeightsOptions:
     allocation: str = "sensitivity"
     score: str = "magnitude"
     recovery: bool = True
+    prune_method: str = "obs"
     sequential: bool = False
     refit_samples: int = 64
 
@@ -79,10 +84,10 @@ class PruneWeights(Pass):
             raise PreconditionError(f"--sparsity must be in [0, 1), got {o.sparsity}")
         if o.threshold is not None and o.threshold < 0:
             raise PreconditionError(f"--threshold must be 0 or more, got {o.threshold}")
-        if o.allocation not in ("sensitivity", "uniform") or \
+        if o.allocation not in ("sensitivity", "uniform") or o.prune_method not in METHODS or \
                 o.score not in ("magnitude", "activation"):
-            raise PreconditionError(f"unknown allocation '{o.allocation}' or score "
-                                    f"'{o.score}'")
+            raise PreconditionError(f"unknown allocation '{o.allocation}', score "
+                                    f"'{o.score}' or method '{o.prune_method}'")
         bad = set(o.prune_ops.split(",")) - set(OPS)
         if bad:
             raise PreconditionError(f"--prune-ops: unknown {', '.join(sorted(bad))}")
@@ -94,16 +99,17 @@ class PruneWeights(Pass):
             return result
         reference = gs.export_onnx(graph, do_type_check=False)
         grams = self._grams(reference, layers, ctx)
-        scores = [self._score(layer, grams.get(layer.name)) for layer in layers]
-        levels = self._levels(layers, scores, grams, result)
-        taken = taken_names(graph)
-        for layer, score, level in zip(layers, scores, levels, strict=True):
-            keep = score >= level if self.options.threshold is not None else \
-                allocate.keep_mask(score, level)
-            h = grams.get(layer.name)
-            new, record = self._prune(graph, layer, keep, h, reference, ctx)
-            _set_dense(layer, new, taken)
-            result.layers.append(record)
+        levels = dict(zip([layer.name for layer in layers],
+                          self._levels(reference, layers, grams, ctx, result), strict=True))
+        taken, records = taken_names(graph), {}
+        for wave in self._waves(graph, layers, grams):
+            inputs = self._wave_inputs(reference, graph, wave, ctx)
+            for layer in wave:
+                new, records[layer.name] = recover.prune_layer(
+                    layer, levels[layer.name], grams.get(layer.name),
+                    inputs.get(layer.name), self.options)
+                _set_dense(layer, new, taken)
+        result.layers = [records[layer.name] for layer in layers]
         for layer, record in zip(layers, result.layers, strict=True):
             _encode(graph, layer.node, taken, record, result)
         result.changed = True
@@ -119,54 +125,37 @@ class PruneWeights(Pass):
         batches = subset(ctx.calib, o.refit_samples)
         return gram.collect_grams(model, layers, batches, ctx.progress)
 
-    def _score(self, layer: gram.Layer, h: np.ndarray | None) -> np.ndarray:
-        m = np.abs(layer.matrix()).astype(np.float64)
-        if self.options.threshold is not None or self.options.score == "magnitude" \
-                or h is None:
-            return m
-        k = m.shape[2]
-        rms = np.sqrt(np.maximum(np.diagonal(h, axis1=1, axis2=2)[:, :k], 0))
-        return m * rms[:, None, :]
-
-    def _levels(self, layers, scores, grams, result: PassResult) -> list[float]:
+    def _levels(self, reference, layers, grams, ctx, result: PassResult) -> list[float]:
         o = self.options
         if o.threshold is not None:
             return [o.threshold] * len(layers)
         target = 0.5 if o.sparsity is None else o.sparsity
         if o.allocation == "uniform" or len(grams) < len(layers):
             return [target] * len(layers)
-        errors = [_error_curve(layer, s, grams[layer.name])
-                  for layer, s in zip(layers, scores, strict=True)]
-        sizes = [layer.weight.size for layer in layers]
-        levels, met = allocate.allocate(errors, sizes, target)
+        errors = [recover.error_curve(layer, grams[layer.name], o) for layer in layers]
+        scores = [recover.score(layer, grams[layer.name], o) for layer in layers]
+        gains = reach.reach(reference, layers, errors, scores,
+                            subset(ctx.calib, reach.REACH_SAMPLES))
+        errors = [g * e for g, e in zip(gains, errors, strict=True)]
+        levels, met = allocate.allocate(errors, [layer.weight.size for layer in layers],
+                                        target)
         if not met:
             result.declined["sparsity target above what the layers allow"] += 1
         return levels
 
-    def _prune(self, graph, layer: gram.Layer, keep, h, reference, ctx: PassContext):
-        """(w~', record): the masked or re-fitted rows of ``layer`` and its report line."""
-        w = gram.augmented(layer)
-        new = np.where(gram.pad_keep(keep, w.shape[2]), w, 0.0)
-        record = {"layer": layer.name, "op": layer.node.op, "params": int(layer.weight.size),
-                  "sparsity": round(1 - float(keep.mean()), 4)}
-        if h is None:
-            return new, record
-        e = gram.energy(h, w)
-        record["err_mask_db"] = _db(gram.mask_error(h, w, keep), e)
-        if not self.options.recovery:
-            return new, record
-        if not self.options.sequential:
-            new = gram.refit(h, w, keep)
-            record["err_refit_db"] = _db(gram.energy(h, new - w), e)
-            return new, record
+    def _waves(self, graph, layers, grams) -> list[list[gram.Layer]]:
+        if self.options.sequential and self.options.recovery and grams:
+            return sequence.waves(graph, layers)
+        return [layers]
+
+    def _wave_inputs(self, reference, graph, wave, ctx: PassContext) -> dict:
+        """(Hp, C) per layer of the wave when sequential, else nothing."""
+        if not self.options.sequential or not self.options.recovery or not ctx.calib:
+            return {}
         working = gs.export_onnx(graph, do_type_check=False)
         batches = subset(ctx.calib, self.options.refit_samples)
-        hp, cross = gram.cross_grams(reference, working, layer, batches)
-        ctx.progress(f"prune-weights: re-fitted {layer.name}")
-        record["err_mask_seq_db"] = _db(gram.fit_error(hp, cross, h, w, new), e)
-        new = gram.refit(hp, w, keep, cross=cross)
-        record["err_refit_db"] = _db(gram.fit_error(hp, cross, h, w, new), e)
-        return new, record
+        ctx.progress(f"prune-weights: re-fitting {', '.join(x.name for x in wave)}")
+        return sequence.wave_grams(reference, working, wave, batches)
 
 
 def select_layers(graph: gs.Graph, options: PruneWeightsOptions, result: PassResult
@@ -190,17 +179,6 @@ def select_layers(graph: gs.Graph, options: PruneWeightsOptions, result: PassRes
         else:
             layers.append(view)
     return layers
-
-
-def _error_curve(layer: gram.Layer, score: np.ndarray, h: np.ndarray) -> np.ndarray:
-    w = gram.augmented(layer)
-    e = max(gram.energy(h, w), 1e-30)
-    return np.array([gram.mask_error(h, w, allocate.keep_mask(score, s)) / e
-                     for s in allocate.GRID])
-
-
-def _db(error: float, energy: float) -> float:
-    return round(float(10 * np.log10(max(error, 1e-30) / max(energy, 1e-30))), 2)
 
 
 def _set_dense(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:

@@ -22,7 +22,8 @@ from ... import storage
 from ...errors import PreconditionError
 from .. import float16
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
-from . import bias_correct, calibrate, gptq, insert, latency, levels, sensitivity
+from . import (bias_correct, calibrate, gptq, insert, latency, levels, saturation,
+               sensitivity)
 from .placement import Plan, plan_graph
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -159,6 +160,9 @@ class QdqInt8(Pass):
     def _finish(self, result: PassResult, upcast: int) -> PassResult:
         if upcast:
             result.stats["float16_tensors_upcast"] = upcast
+        # The file is portable either way (reduce_range auto keeps every pair below the
+        # int16 bound); this says whether validation here ran saturating kernels.
+        result.stats["host_int8_pairs_saturate"] = saturation.host_kernel_saturates()
         return result
 
     def _plan(self, graph: gs.Graph, skip: set[str]) -> Plan:

@@ -17,7 +17,12 @@ saturate a pair, so only same-sign sums count.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
 
 INT16_MAX = 32767
 MIN_QMAX = 63  # 7-bit weights never saturate: 255 * 64 * 2 < 32767
@@ -73,3 +78,36 @@ def pair_bound(wq: np.ndarray, ak: np.ndarray) -> np.ndarray:
     prod_pos = (ak * np.maximum(wq, 0)).reshape(wq.shape[0], -1, 2).sum(axis=2)
     prod_neg = (ak * np.maximum(-wq, 0)).reshape(wq.shape[0], -1, 2).sum(axis=2)
     return np.maximum(prod_pos, prod_neg).max(axis=1)
+
+
+@functools.cache
+def host_kernel_saturates() -> bool:
+    """Does this machine's onnxruntime int8 kernel clip pair sums to int16?
+
+    A 1x1 QLinearConv whose 16 products are all 255 * 127: the exact int32 sum is 518160
+    (253 after the 1/2048 output scale); saturating kernels clip each pair's 64770 to
+    32767 and give 8 * 32767 = 262136 (128). VNNI / AVX-512 VNNI / ARM dot-product kernels sum
+    in int32 and agree with the exact value; the result also goes into the report, since
+    an int8 file is often built on one machine and deployed on another.
+    """
+    k = 16
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz",
+                                               "ys", "yz"], ["y"])],
+        "probe", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8,
+                                                     [1, k, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)],
+        [numpy_helper.from_array(np.float32(1.0), "xs"),
+         numpy_helper.from_array(np.uint8(0), "xz"),
+         numpy_helper.from_array(np.full((1, k, 1, 1), 127, np.int8), "w"),
+         numpy_helper.from_array(np.float32(1.0), "ws"),
+         numpy_helper.from_array(np.int8(0), "wz"),
+         numpy_helper.from_array(np.float32(2048.0), "ys"),
+         numpy_helper.from_array(np.uint8(0), "yz")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": np.full((1, k, 4, 4), 255, np.uint8)})[0]
+    exact = round(k * 255 * 127 / 2048.0)
+    return int(np.abs(y.astype(np.int64) - exact).max()) > 0

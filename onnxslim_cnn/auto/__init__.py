@@ -1,0 +1,192 @@
+"""auto-compress: the smallest mix of per-layer weight encodings within the budget.
+
+Composes the weight-storage passes layer by layer instead of applying one setting to
+the whole model:
+
+1. variants (variants.py): each candidate (``int8``, ``c6`` .. ``c2`` = cluster-weights
+   at that many bits) is run once on the whole float model through the pass registry;
+2. patches (patches.py): each layer's decode subgraph is cut out of every variant;
+3. sensitivity (sensitivity.py): the network output error with only that one patch,
+   measured once per (layer, candidate) on a subset of the calibration samples;
+4. allocation (allocate.py): greedy steps on bytes saved per unit of added error give a
+   path from all-float to all-cheapest;
+5. search (search.py): the last state of the path whose combined model meets the budget
+   on the calibration samples (binary search), or the first reaching ``target_size``,
+   backed off worst layer first while it exceeds the budget.
+
+The candidate passes fit on the first two thirds of the calibration batches; steps 3
+and 5 measure on the last third, which they did not see (sensitivity.hold_out).
+
+Before:  W1 fp32 -> Conv1 ... W9 fp32 -> Conv9
+After:   W1 int8 (Cast, Mul) -> Conv1 ... W9 3-bit codebook -> Conv9 ... (per layer)
+
+Declines when (per layer, kept float): no candidate's pass accepted the layer, or
+every candidate would take the combined model outside the budget.
+The manager still validates the result against the original on the validation samples;
+when that fails it calls ``back_off``, which moves the worst layer one setting safer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import PreconditionError, UsageError
+from ..passes.base import Pass, PassContext, PassResult, register
+from . import allocate, search, sensitivity, variants
+from .patches import compute_nodes, extract
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """Options of auto-compress.
+
+    Attributes:
+        auto_candidates: candidate tags (variants.candidate), e.g. ``int8,c4,c3``.
+        auto_budget_share: fraction of the accuracy budget the search may spend on the
+            calibration data (the rest is margin for unseen data).
+        auto_samples: calibration samples used per sensitivity measurement.
+        target_size: stop at the first allocation whose file is at most this many bytes.
+    """
+
+    auto_candidates: tuple[str, ...] = ("int8", "c6", "c5", "c4", "c3")
+    auto_budget_share: float = 1.0
+    auto_samples: int = 32
+    target_size: int | None = None
+
+
+@register
+class AutoCompress(Pass):
+    name = "auto-compress"
+    summary = "per-layer mix of int8 / codebook weights chosen by sensitivity within the " \
+              "budget or --target-size (lossy)"
+    lossless = False
+    min_opset = 14  # the highest of the candidate passes (cluster-weights)
+    after = ("fold-bn", "remove-identity", "fold-constants")
+    Options = AutoOptions
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        super().__init__(options)
+        self.flat = dict(options or {})  # forwarded to the candidate passes
+        self.explored: list[dict] = []
+        self._last = None  # (fronts, measured options, judge, chosen state) of run()
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        if not 0 < o.auto_budget_share <= 1:
+            raise PreconditionError("auto_budget_share must be in (0, 1]")
+        if o.auto_samples < 1:
+            raise PreconditionError("auto_samples must be at least 1")
+        try:
+            [variants.candidate(t) for t in o.auto_candidates]
+        except UsageError as exc:
+            raise PreconditionError(str(exc)) from exc
+        if not ctx.calib:
+            raise PreconditionError("auto-compress needs calibration (or random) samples")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        base = gs.export_onnx(graph, do_type_check=False)
+        del base.graph.value_info[:]
+        fit, held, labels = sensitivity.hold_out(ctx.calib, ctx.calib_labels)
+        by_layer = self._patches(base, dataclasses.replace(ctx, calib=fit, calib_labels=None))
+        result = PassResult(changed=False)
+        if not by_layer:
+            result.declined["no candidate pass accepted any layer"] += 1
+            return result
+        fronts, every = self._fronts(base, by_layer, held, ctx.progress)
+        judge = search.Judge(base, fronts, held, labels,
+                             search.shared_budget(ctx.budget, self.options.auto_budget_share),
+                             ctx.progress)
+        path = allocate.greedy_path(fronts)
+        target = self.options.target_size
+        state = search.by_budget(judge, path) if target is None else \
+            search.by_size(judge, path, target)
+        self.explored = [_predicted(fronts, s, judge) for s in path] + judge.explored
+        self._last = (fronts, every, judge, state)
+        self._describe(result, fronts, every, state, judge)
+        if result.changed:
+            _replace(graph, judge.model(state))
+        return result
+
+    def back_off(self, graph: gs.Graph) -> PassResult | None:
+        """After the manager's validation failed: make ``graph`` the last result with
+        its worst layer (largest measured error) one setting safer; None when every
+        layer is float already or ``run`` has not run."""
+        if self._last is None:
+            return None
+        fronts, every, judge, state = self._last
+        state = allocate.back_off(fronts, state)
+        if state is None or not any(state.values()):
+            return None
+        self._last = (fronts, every, judge, state)
+        result = PassResult(changed=True)
+        self._describe(result, fronts, every, state, judge)
+        _replace(graph, judge.model(state))
+        return result
+
+    def _patches(self, base: onnx.ModelProto, ctx: PassContext) -> dict[str, list]:
+        by_layer: dict[str, list] = {}
+        for tag in self.options.auto_candidates:
+            cand = variants.candidate(tag)
+            ctx.progress(f"[auto-compress] candidate {tag}: {cand.summary}")
+            variant = variants.make_variant(base, cand, self.flat, ctx)
+            if variant is None:
+                continue
+            for layer, patch in extract(base, variant, tag).items():
+                by_layer.setdefault(layer, []).append(patch)
+        return by_layer
+
+    def _fronts(self, base, by_layer, batches, progress):
+        inits = {t.name: t.ByteSize() for t in base.graph.initializer}
+        nodes = compute_nodes(base)
+        own = {k: sum(inits.get(i, 0) for i in nodes[k].input) for k in by_layer}
+        sens = sensitivity.Sensitivity(
+            base, sensitivity.subset(batches, self.options.auto_samples), progress)
+        every = sens.measure_all(by_layer, own)
+        return {k: allocate.pareto(v) for k, v in every.items()}, every
+
+    def _describe(self, result: PassResult, fronts, every, state, judge) -> None:
+        declined = Counter()
+        for layer, index in sorted(state.items()):
+            record = _layer_record(layer, fronts[layer], index, every[layer])
+            result.layers.append(record)
+            if index == 0:
+                declined["kept float: every candidate exceeds the budget"] += 1
+        result.declined.update(declined)
+        result.changed = any(state.values())
+        chosen = Counter(fronts[k][i].tag for k, i in state.items())
+        result.stats.update({f"layers_{tag}": n for tag, n in sorted(chosen.items())})
+        result.stats.update(predicted_bytes=judge.size(state), states_tried=len(judge.explored),
+                            sensitivity_runs=sum(len(v) - 1 for v in every.values()))
+        if self.options.target_size is not None:
+            result.stats["target_reached"] = int(judge.size(state) <= self.options.target_size)
+
+
+def _layer_record(layer: str, front: list, index: int, measured: list) -> dict:
+    chosen = front[index]
+    cheaper = {o.tag: "exceeds the budget with the other layers' choices"
+               for o in front[index + 1:]}
+    dominated = {o.tag: "dominated (another candidate is smaller with less error)"
+                 for o in measured if all(o is not f for f in front)}
+    return {"layer": layer, "applied": chosen.tag, "bytes_before": front[0].bytes,
+            "bytes_after": chosen.bytes, "sqnr_db": round(chosen.sqnr_db, 2),
+            "candidates_sqnr_db": {o.tag: round(o.sqnr_db, 2) for o in measured[1:]},
+            "declined": cheaper | dominated}
+
+
+def _predicted(fronts, state, judge: search.Judge) -> dict:
+    """A point of the greedy path as the sensitivities predict it (errors add up)."""
+    error = allocate.predicted_error(fronts, state)
+    return {"kind": "predicted", "bytes": judge.size(state),
+            "sqnr_db": sensitivity.to_db(error), "within_budget": None}
+
+
+def _replace(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Make ``graph`` the graph of ``model`` (the pass contract: mutate the graph)."""
+    new = gs.import_onnx(model)
+    graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs

@@ -1,0 +1,145 @@
+"""Walk the greedy allocation path against the real budget on the calibration data.
+
+Budget mode: binary search for the last state on the path whose combined model meets
+the (shared) budget on the calibration samples; error grows along the path, so the
+first failing state bounds the search.
+
+Size mode (``target_size``): the first state whose predicted size reaches the target;
+if that combination exceeds the budget, back off layer by layer, worst error first,
+until it fits (it then misses the target, which the report says); after a bounded
+number of back-off steps, the budget mode's answer.
+
+A state meets the budget when its metrics do on the held-out calibration samples and
+also the mean cosine minus two standard errors,
+since the search stops right at the budget's edge and the held-out set is small.
+
+Every judged state is kept in ``explored`` (size, metrics) for the report's plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .. import model_io, validate
+from ..config import Budget
+from .allocate import Option, State, back_off, patches_of, size_of
+from .patches import splice
+
+
+def shared_budget(budget: Budget, share: float) -> Budget:
+    """``budget`` with only ``share`` of each allowed loss (share 1 = the budget)."""
+    agree = budget.min_top1_agreement
+    return Budget(max_top1_drop=share * budget.max_top1_drop,
+                  min_cosine=1 - share * (1 - budget.min_cosine),
+                  min_top1_agreement=None if agree is None else 1 - share * (1 - agree))
+
+
+@dataclass
+class Judge:
+    """Judges states on the calibration samples; remembers every verdict."""
+
+    base: onnx.ModelProto
+    fronts: dict[str, list[Option]]
+    batches: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None
+    budget: Budget
+    progress: Callable[[str], None]
+    explored: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.ref = validate.run_model(self.base, self.batches)
+        self.base_size = model_io.model_bytes(self.base)
+        self.verdicts: dict[tuple, str | None] = {}
+
+    def model(self, state: State) -> onnx.ModelProto:
+        return splice(self.base, patches_of(self.fronts, state))
+
+    def size(self, state: State) -> int:
+        return size_of(self.fronts, state, self.base_size)
+
+    def fails(self, state: State) -> str | None:
+        """None when ``state``'s combined model meets the budget, else the reason."""
+        key = tuple(sorted(state.items()))
+        if key not in self.verdicts:
+            out = validate.run_model(self.model(state), self.batches)
+            metrics = validate.compare(self.ref, out, self.labels)
+            reason = validate.check_budget(metrics, self._resolvable(metrics.samples)) \
+                or self._unsure(out)
+            self.verdicts[key] = reason
+            self._note(state, metrics, reason)
+        return self.verdicts[key]
+
+    def _resolvable(self, samples: int) -> Budget:
+        """The budget, with a top-1 drop of at least one sample: a held-out set of a few
+        dozen samples cannot resolve less, and the manager's validation on more
+        samples (with its back-off) has the last word."""
+        least = 100.0 / max(samples, 1)
+        return dataclasses.replace(self.budget, max_top1_drop=max(self.budget.max_top1_drop,
+                                                                  least))
+
+    def _unsure(self, out: dict[str, np.ndarray]) -> str | None:
+        """Why the cosine budget might fail on unseen samples: the mean cosine minus
+        ``Z`` standard errors must meet it too (the held-out set is small). Top-1 gets
+        no such bound: on a few dozen samples one flip already exceeds any budget."""
+        for name, ref in self.ref.items():
+            low = _bound(_cosines(ref, out[name]), -Z)
+            if low < self.budget.min_cosine:
+                return f"cosine lower bound {low:.5f} < {self.budget.min_cosine}"
+        return None
+
+    def _note(self, state: State, metrics: validate.Metrics, reason: str | None) -> None:
+        size = self.size(state)
+        self.explored.append({"kind": "measured", "bytes": size, "cosine": metrics.cosine,
+                              "sqnr_db": metrics.sqnr_db, "top1_drop": metrics.top1_drop,
+                              "top1_agreement": metrics.top1_agreement,
+                              "within_budget": reason is None})
+        self.progress(f"[auto-compress] tried {size / 1e3:.1f} KB: "
+                      + ("within budget" if reason is None else reason))
+
+
+Z = 2.0  # standard errors of margin: ~95 % one-sided confidence
+
+
+def _bound(values: np.ndarray, z: float) -> float:
+    """Mean of ``values`` plus ``z`` standard errors."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean() + z * values.std() / np.sqrt(max(len(values), 1)))
+
+
+def _cosines(r: np.ndarray, y: np.ndarray) -> np.ndarray:
+    r2 = r.reshape(len(r), -1).astype(np.float64)
+    y2 = y.reshape(len(y), -1).astype(np.float64)
+    norms = np.linalg.norm(r2, axis=1) * np.linalg.norm(y2, axis=1)
+    return np.where(norms > 0, np.sum(r2 * y2, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+
+
+def by_budget(judge: Judge, path: list[State]) -> State:
+    """The last state of ``path`` within the budget (path[0], all float, always is)."""
+    low, high = 0, len(path) - 1
+    if not judge.fails(path[high]):
+        return path[high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if judge.fails(path[mid]):
+            high = mid
+        else:
+            low = mid
+    return path[low]
+
+
+def by_size(judge: Judge, path: list[State], target: int, max_steps: int = 16) -> State:
+    """The first state reaching ``target`` bytes, backed off (worst layer first, at
+    most ``max_steps`` times) until within budget; failing that, ``by_budget``."""
+    state = next((s for s in path if judge.size(s) <= target), path[-1])
+    for _ in range(max_steps):
+        if not judge.fails(state):
+            return state
+        state = back_off(judge.fronts, state)
+        if state is None:
+            break
+    return by_budget(judge, path)

@@ -1,0 +1,87 @@
+"""Candidate settings: whole-model variants made by the registered passes.
+
+Each candidate is a tag and the passes (with options) that make it, e.g. ``c4`` =
+cluster-weights with 4-bit codebooks on every layer. A variant is made once per run on
+the float model; the per-layer patches it offers (patches.py) are the candidate
+settings of the allocation. Candidates only use passes that store each layer's weight
+independently of the others, so patches of different variants combine freely.
+
+Known tags: ``int8`` (qdq-int8 weights-only: per-channel int8, Cast+Mul decode) and
+``c1``..``c8`` (cluster-weights, that many index bits, data-aware centroids).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import PreconditionError, UsageError
+from ..passes.base import PassContext, get_pass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A setting every layer may take: ``steps`` = ((pass name, options), ...)."""
+
+    tag: str
+    steps: tuple[tuple[str, dict[str, Any]], ...]
+
+    @property
+    def summary(self) -> str:
+        return " + ".join(f"{name}({_options_text(opts)})" for name, opts in self.steps)
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def candidate(tag: str) -> Candidate:
+    """The candidate named ``tag``.
+
+    Raises:
+        UsageError: unknown tag.
+    """
+    if tag == "int8":
+        return Candidate(tag, (("qdq-int8", {"weights_only": "int8"}),))
+    match = re.fullmatch(r"c([1-8])", tag)
+    if match:
+        # Each layer fitted on the float model's inputs: patches must not assume that
+        # the layers before them took the same candidate (they may not).
+        return Candidate(tag, (("cluster-weights", {"bits": int(match.group(1)),
+                                                    "sequential_fit": False}),))
+    raise UsageError(f"unknown auto candidate '{tag}' (known: int8, c1..c8)")
+
+
+def make_variant(base: onnx.ModelProto, cand: Candidate, options: dict[str, Any],
+                 ctx: PassContext) -> onnx.ModelProto | None:
+    """``base`` with ``cand``'s passes applied to every layer they accept.
+
+    ``options`` are the run's flat pass options (``--granularity`` ...); the
+    candidate's own settings override them. Returns None when a pass declines the
+    whole model (its precondition fails) or changes nothing.
+    """
+    graph = gs.import_onnx(base)
+    changed = False
+    for name, own in cand.steps:
+        p = get_pass(name)(_merged(options, own))
+        try:
+            p.check(graph, ctx)
+        except PreconditionError:
+            return None
+        changed = p.run(graph, ctx).changed or changed
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    if not changed:
+        return None
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    return model
+
+
+def _merged(options: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    # The per-layer choice is the allocation's job: drop the passes' own global budgets.
+    budgets = ("bits", "avg_bits", "min_sqnr_db", "weights_only", "sparsity", "threshold")
+    return {k: v for k, v in options.items() if k not in budgets} | own

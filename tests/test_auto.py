@@ -1,0 +1,223 @@
+"""auto-compress: patches cut from whole-model variants, splicing, allocation, search.
+
+Tolerances are stated at each assertion. The small CNN below runs in milliseconds, so
+the full search (variants, sensitivity, allocation, validation) stays fast.
+"""
+
+import numpy as np
+import pytest
+
+from onnxslim_cnn import cli, model_io
+from onnxslim_cnn.auto import allocate, patches, sensitivity, variants
+from onnxslim_cnn.config import Budget, Config, parse_size
+from onnxslim_cnn.errors import UsageError, ValidationError
+from onnxslim_cnn.manager import compress
+from onnxslim_cnn.passes.base import PassContext
+
+from .helpers import feeds, make_model, op_counts, rand, run, run_pipeline
+
+# x[2,8,12,12] -> Conv(w1[32,8,3,3], b1, pad 1) -> Relu -> Conv(w2[64,32,3,3], b2)
+#   -> Relu -> GlobalAveragePool -> Flatten -> Gemm(w3[64,10], transB=0) -> y[2,10]
+TEXT = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[2, 8, 12, 12] x) => (float[2, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv (r1, w2, b2)
+    r2 = Relu (c2)
+    p = GlobalAveragePool (r2)
+    f = Flatten (p)
+    y = Gemm (f, w3)
+}
+"""
+
+
+def model():
+    weights = {"w1": rand((32, 8, 3, 3), 1, 0.3), "b1": rand((32,), 2, 0.1),
+               "w2": rand((64, 32, 3, 3), 3, 0.1), "b2": rand((64,), 4, 0.1),
+               "w3": rand((64, 10), 5, 0.3)}
+    m = make_model(TEXT, weights)
+    for node, name in zip(m.graph.node, ("conv1", "relu1", "conv2"), strict=False):
+        node.name = name
+    m.graph.node[-1].name = "fc"
+    return m
+
+
+def calib(m, count=3):
+    return [feeds(m, 10 + i) for i in range(count)]
+
+
+def variant(m, tag):
+    ctx = PassContext(calib=calib(m))
+    return variants.make_variant(m, variants.candidate(tag), {}, ctx)
+
+
+def test_auto_splice_of_every_patch_equals_the_variant():
+    m = model()
+    v = variant(m, "c4")
+    found = patches.extract(m, v, "c4")
+    assert set(found) == {"conv1", "conv2", "fc"}
+    spliced = patches.splice(m, list(found.values()))
+    feed = feeds(m, 99)
+    # Same decode ops and constants, renamed: equal outputs up to float rounding (1e-5).
+    np.testing.assert_allclose(run(spliced, feed)["y"], run(v, feed)["y"], rtol=1e-5,
+                               atol=1e-5)
+    assert op_counts(spliced) == op_counts(v)
+    assert {t.name for t in m.graph.initializer} & \
+        {t.name for t in spliced.graph.initializer} == set()  # every float weight replaced
+
+
+def test_auto_splice_one_patch_changes_only_that_layer():
+    m = model()
+    found = patches.extract(m, variant(m, "int8"), "int8")
+    spliced = patches.splice(m, [found["conv2"]])
+    names = {t.name for t in spliced.graph.initializer}
+    assert {"w1", "b1", "w3"} <= names and "w2" not in names
+    assert found["conv2"].bytes < found["conv2"].base_bytes / 3  # int8 + scales
+    feed = feeds(m, 7)
+    # int8 weights of one layer: relative output error well below 1 % (rtol 0.02).
+    ref, got = run(m, feed)["y"], run(spliced, feed)["y"]
+    assert np.linalg.norm(got - ref) < 0.02 * np.linalg.norm(ref)
+
+
+def test_auto_extract_declines_layers_the_variant_left_alone():
+    m = model()
+    assert patches.extract(m, m, "same") == {}
+
+
+def option(tag, size, error):
+    return allocate.Option(tag, None, size, error, sensitivity.to_db(error))
+
+
+def test_auto_pareto_drops_dominated_options():
+    front = allocate.pareto([option("fp32", 100, 0.0), option("a", 50, 0.01),
+                             option("b", 60, 0.02), option("c", 20, 0.1)])
+    assert [o.tag for o in front] == ["fp32", "a", "c"]
+
+
+def test_auto_greedy_path_takes_best_bytes_per_error_first():
+    fronts = {"cheap": [option("fp32", 100, 0.0), option("x", 10, 1e-4)],
+              "costly": [option("fp32", 100, 0.0), option("x", 10, 1e-1)]}
+    path = allocate.greedy_path(fronts)
+    assert path == [{"cheap": 0, "costly": 0}, {"cheap": 1, "costly": 0},
+                    {"cheap": 1, "costly": 1}]
+    assert allocate.back_off(fronts, path[-1]) == {"cheap": 1, "costly": 0}
+    assert allocate.size_of(fronts, path[1], 1000) == 910
+
+
+def test_auto_hold_out_keeps_labels_aligned():
+    batches = [{"x": np.zeros((4, 1))} for _ in range(3)]
+    fit, held, labels = sensitivity.hold_out(batches, np.arange(12))
+    assert len(fit) == 2 and len(held) == 1
+    assert labels.tolist() == [8, 9, 10, 11]
+
+
+def test_auto_compress_shrinks_within_budget():
+    m = model()
+    budget = Budget(min_cosine=0.999)
+    out, report = run_pipeline(m, ["auto-compress"], budget=budget,
+                               options={"auto_candidates": ("int8", "c4", "c2")})
+    rec = report.passes[0]
+    assert rec.status == "applied", rec.reason
+    assert rec.size_after < rec.size_before / 4
+    assert report.final["cosine"] >= 0.999  # the budget, on the validation samples
+    assert {r["layer"] for r in rec.layers} == {"conv1", "conv2", "fc"}
+    assert all(r["bytes_after"] < r["bytes_before"] for r in rec.layers)
+    assert any(p["within_budget"] for p in report.explored if p["kind"] == "measured")
+
+
+def test_auto_compress_tighter_budget_gives_larger_file():
+    m = model()
+    options = {"auto_candidates": ("int8", "c4", "c2")}
+    _, loose = run_pipeline(m, ["auto-compress"], budget=Budget(min_cosine=0.98),
+                            options=options)
+    _, tight = run_pipeline(m, ["auto-compress"], budget=Budget(min_cosine=0.99999),
+                            options=options)
+    assert loose.passes[0].size_after < tight.passes[0].size_after
+    assert tight.final["cosine"] >= 0.99999
+
+
+@pytest.mark.parametrize("text, size", [("2MB", 2_000_000), ("500 kb", 500_000),
+                                        ("1.5KiB", 1536), ("123", 123), ("7B", 7)])
+def test_auto_parse_size_accepts_units(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MB", "-1MB", "2XB", "0"])
+def test_auto_parse_size_rejects_garbage(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_auto_target_size_reached(tmp_path):
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    src.write_bytes(model().SerializeToString())
+    target = 12_000  # the float model is ~101 KB, int8 everywhere ~27 KB
+    config = Config(preset="max", target_size=target, budget=Budget(min_cosine=0.9),
+                    options={"auto_candidates": ("int8", "c4", "c2")})
+    report = compress(src, out, config)
+    assert report.written and out.stat().st_size <= target
+    assert report.final["cosine"] >= 0.9
+    # the search stops at the first allocation reaching the target: not all 2-bit
+    assert report.passes[6].stats.get("target_reached") == 1
+
+
+def test_auto_target_size_impossible_writes_nothing(tmp_path):
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    src.write_bytes(model().SerializeToString())
+    config = Config(preset="max", target_size=3_000, budget=Budget(min_cosine=0.9999),
+                    options={"auto_candidates": ("int8", "c4")})
+    with pytest.raises(ValidationError, match="target size 3000 B not reached"):
+        compress(src, out, config)
+    assert not out.exists()
+
+
+def test_auto_cli_bad_target_size_is_usage_error(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model().SerializeToString())
+    code = cli.main([str(src), str(tmp_path / "o.onnx"), "--target-size", "big"])
+    assert code == 2
+    assert "not a size" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_auto_target_size_needs_auto_compress():
+    from onnxslim_cnn.manager import build_pipeline
+
+    with pytest.raises(UsageError, match="auto-compress"):
+        build_pipeline(Config(passes=("fold-bn",), target_size=1000))
+
+
+def test_auto_sensitivity_is_measured_once_per_layer_and_candidate(monkeypatch):
+    m = model()
+    found = patches.extract(m, variant(m, "int8"), "int8")
+    sens = sensitivity.Sensitivity(m, calib(m, 1), lambda message: None)
+    calls = []
+    monkeypatch.setattr(sensitivity, "splice", lambda *a: calls.append(a) or m)
+    for _ in range(3):
+        sens.error(found["conv1"])
+    assert len(calls) == 1
+
+
+def test_auto_validation_failure_backs_off_worst_layer(monkeypatch):
+    """The manager's validation refuses the first auto-compress candidate: the pass
+    retreats one layer step and the next candidate is accepted (not rolled back)."""
+    from onnxslim_cnn import manager
+
+    real, refused = manager.Manager._validate, []
+
+    def refuse_first_lossy(self, candidate, lossless):
+        if not lossless and not refused:
+            refused.append(candidate)
+            return "refused by the test", None
+        return real(self, candidate, lossless)
+
+    monkeypatch.setattr(manager.Manager, "_validate", refuse_first_lossy)
+    m = model()
+    _, report = run_pipeline(m, ["auto-compress"], budget=Budget(min_cosine=0.9),
+                             options={"auto_candidates": ("int8", "c2")})
+    rec = report.passes[0]
+    assert rec.status == "applied" and rec.stats["validation_back_offs"] == 1
+    assert "refused by the test" in rec.reason
+    assert rec.size_before > rec.size_after > model_io.model_bytes(refused[0])  # safer
+    assert report.final["cosine"] >= 0.9
