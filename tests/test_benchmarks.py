@@ -171,3 +171,23 @@ def test_benchmarks_merge_and_summary_lines():
     (line,) = report._summary(rows)
     assert "ahead on Δtop-1 (+0.0 pt vs -3.7 pt), agreement (99.0% vs 89.0%)" in line
     assert "size (0.250× vs 0.270×)" in line and line.endswith("behind on nothing")
+
+
+def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
+    from benchmarks.run import merge
+
+    def run(command, vnni, val_count, tools):
+        machine = {"cpu": "EPYC", "cores": 2, "vnni": vnni, "platform": "x"}
+        rows = [{"tool": t, "label": t, "status": "ok", "notes": []} for t in tools]
+        return {"meta": {"command": command, "date": "d", "machine": machine}, "models": [
+            {"name": "m", "val_count": val_count, "rows": rows},
+            {"name": "n" + command, "val_count": val_count, "rows": rows}]}
+
+    merged = merge([run("A", [], 300, ["fp32", "light"]), run("B", [], 300, ["nncf"]),
+                    run("C", ["avx512_vnni"], 300, ["fp32", "ours-int8"])])
+    tables = {m["name"]: m for m in merged["models"]}
+    assert [r["tool"] for r in tables["m"]["rows"]] == ["fp32", "ours-int8"]
+    assert tables["m"]["runs"] == [2] and tables["nA"]["runs"] == [0]
+    assert [r["command"] for r in merged["meta"]["runs"]] == ["A", "B", "C"]
+    same = merge([run("A", [], 300, ["fp32"]), run("B", [], 400, ["nncf"])])
+    assert [r["tool"] for r in same["models"][0]["rows"]] == ["nncf"]  # other image count
