@@ -58,7 +58,10 @@ TOOLS: dict[str, Tool] = {
     "ours-channels25": ours("fold-bn,prune-channels", "--channel-ratio", "0.25",
                             *OPEN_BUDGET),
     "ours-svd": ours("fold-bn,svd-split", *OPEN_BUDGET),  # its own per-layer error budget
-    "ours-cluster4": ours("fold-bn,cluster-weights", "--bits", "4", *OPEN_BUDGET),
+    **{f"ours-cluster{bits}": ours("fold-bn,cluster-weights", "--bits", str(bits),
+                                   *OPEN_BUDGET) for bits in (8, 6, 5, 4, 3)},
+    # Mixed precision: bits per layer from measured sensitivity, 4 bits on average.
+    "ours-cluster-avg4": ours("fold-bn,cluster-weights", "--avg-bits", "4", *OPEN_BUDGET),
     "ort-static-minmax": peer("ort-static", "--method", "minmax"),
     "ort-static-percentile": peer("ort-static", "--method", "percentile"),
     "ort-static-entropy": peer("ort-static", "--method", "entropy"),
