@@ -12,8 +12,10 @@ resize the short side (bilinear), centre-crop, order channels, then
 
 Random inputs (no data given): standard normal floats, integers in [0, 10), shaped
 from the model; a dynamic batch axis becomes the batch size, the dynamic spatial axes
-of a 4-D input become 224 (H, W of NCHW, or of NHWC when the last axis is 1 or 3), any
-remaining dynamic axis 1.
+of a 4-D input become 224 (H, W of NCHW, or of NHWC when the last axis is 1 or 3). Any
+other dynamic axis (channels, features, sequence length) is refused with a request for
+``--data``: a guess such as 1 either fails inside onnxruntime with a message about a
+Conv, or validates the compression on degenerate inputs.
 
 A model with a fixed batch size gets whole batches only: random counts are rounded up
 to a multiple of it, and a split of real data drops the remainder that does not fill
@@ -147,7 +149,7 @@ def _random_dataset(specs: list[InputSpec], count: int, rng) -> Dataset:
 def _random_arrays(specs: list[InputSpec], count: int, rng) -> dict[str, np.ndarray]:
     arrays = {}
     for spec in specs:
-        shape = (count, *_concrete_dims(spec.shape))
+        shape = (count, *_concrete_dims(spec))
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
@@ -157,12 +159,25 @@ def _random_arrays(specs: list[InputSpec], count: int, rng) -> dict[str, np.ndar
     return arrays
 
 
-def _concrete_dims(shape: tuple) -> list[int]:
-    """Sizes for every axis after the batch axis (see the module docstring)."""
-    spatial = _spatial_axes(shape)
-    return [dim if isinstance(dim, int) and dim > 0 else
-            (DEFAULT_SPATIAL if axis in spatial else 1)
-            for axis, dim in enumerate(shape[1:], start=1)]
+def _concrete_dims(spec: InputSpec) -> list[int]:
+    """Sizes for every axis after the batch axis (see the module docstring).
+
+    Raises:
+        DataError: a dynamic axis that is neither the batch axis nor H/W of a 4-D input.
+    """
+    spatial = _spatial_axes(spec.shape)
+    dims = []
+    for axis, dim in enumerate(spec.shape[1:], start=1):
+        if isinstance(dim, int) and dim > 0:
+            dims.append(dim)
+        elif axis in spatial:
+            dims.append(DEFAULT_SPATIAL)
+        else:
+            label = f" ('{dim}')" if isinstance(dim, str) else ""
+            raise DataError(f"random inputs cannot choose a size for axis {axis}{label} of "
+                            f"input '{spec.name}' (only the batch axis and H, W of a 4-D "
+                            "input get one): pass --data with real inputs")
+    return dims
 
 
 def _spatial_axes(shape: tuple) -> tuple[int, ...]:

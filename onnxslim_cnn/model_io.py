@@ -14,8 +14,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
+from onnx import numpy_helper
 
 from .errors import InvalidModelError, OutputError, UnsupportedModelError
 
@@ -27,14 +29,22 @@ SPILL_BYTES = 64 * 2**20
 STUB_BYTES = 1024
 # Newest default-domain opset that both onnx's version converter and onnxruntime know.
 MAX_OPSET = 22
+# Ops whose weights the passes quantize, cluster, prune or factor: a NaN or Inf there
+# turns every per-channel scale and codebook into garbage. Non-finite constants
+# elsewhere (Clip bounds, masks) are legitimate and not looked at.
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.DOUBLE})
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and check a model, with external data from beside the file.
 
     Raises:
-        InvalidModelError: missing, empty, truncated or non-ONNX file, or a model that
-            fails ``onnx.checker``.
+        InvalidModelError: missing, empty, truncated or non-ONNX file, a model that
+            fails ``onnx.checker`` (a graph input without a shape or with a zero-size
+            axis is named), or NaN/Inf
+            in a weight (see ``check_finite_weights``).
     """
     path = Path(path)
     if not path.is_file():
@@ -48,8 +58,57 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph or no nodes)")
+    _check_input_shapes(model, path)
     check(model, what=str(path), path=path)
+    check_finite_weights(model, what=str(path))
     return model
+
+
+def _check_input_shapes(model: onnx.ModelProto, path: Path) -> None:
+    # The checker refuses these too, but with a message that names no input.
+    for inp in model.graph.input:
+        if inp.type.HasField("tensor_type") and not inp.type.tensor_type.HasField("shape"):
+            raise InvalidModelError(
+                f"{path}: graph input '{inp.name}' has no shape; ONNX requires one "
+                "(symbolic dims are fine, e.g. ['N', 3, 'H', 'W'])")
+        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
+        empty = [axis for axis, dim in enumerate(dims)
+                 if dim.HasField("dim_value") and dim.dim_value == 0]
+        if empty:
+            raise InvalidModelError(
+                f"{path}: graph input '{inp.name}' has size 0 on axis {empty[0]}: the model "
+                "only accepts empty tensors, so there is nothing to compute or validate")
+
+
+def check_finite_weights(model: onnx.ModelProto, what: str = "model") -> None:
+    """Refuse NaN or Inf in a float weight or bias of a ``WEIGHT_OPS`` node.
+
+    Such a model computes NaN/Inf for whole channels on every input; compressing it
+    would only hide that, so it is reported as bad input.
+
+    Raises:
+        InvalidModelError: names the node, the tensor and how many values are bad.
+    """
+    tensors = {t.name: t for t in model.graph.initializer}
+    tensors.update((n.output[0], n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and len(n.attribute) == 1
+                   and n.attribute[0].name == "value")
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        for name in node.input:
+            tensor = tensors.get(name)
+            if tensor is None or name in seen or tensor.data_type not in FLOAT_TYPES:
+                continue
+            seen.add(name)
+            values = numpy_helper.to_array(tensor)
+            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise InvalidModelError(
+                    f"{what}: {node.op_type} '{node.name or node.output[0]}' weight '{name}' "
+                    f"has {bad} NaN/Inf value(s); fix the model: compressing it would "
+                    "only hide them")
 
 
 def check(model: onnx.ModelProto, what: str = "model", path: Path | None = None) -> None:

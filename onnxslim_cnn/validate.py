@@ -78,7 +78,8 @@ class Runner:
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             self._stack.close()
             raise UnsupportedModelError(
-                f"onnxruntime cannot load the model: {_first_line(exc)}"
+                f"onnxruntime cannot load the model{_custom_ops_hint(model)}: "
+                f"{_first_line(exc)}"
             ) from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -120,6 +121,17 @@ class Runner:
     def close(self) -> None:
         self.session = None
         self._stack.close()
+
+
+
+def _custom_ops_hint(model: onnx.ModelProto) -> str:
+    """Name the custom-domain ops: validation needs onnxruntime kernels for them."""
+    custom = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node
+                     if n.domain not in ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")})
+    if not custom:
+        return ""
+    return (f" (custom ops {', '.join(custom[:3])}{'...' if len(custom) > 3 else ''}: "
+            "every result is validated under onnxruntime, which has no kernel for them)")
 
 
 def _first_line(exc: BaseException) -> str:

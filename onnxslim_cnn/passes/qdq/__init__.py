@@ -22,8 +22,7 @@ from ... import storage
 from ...errors import PreconditionError
 from .. import float16
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
-from . import (bias_correct, calibrate, gptq, insert, latency, levels, saturation,
-               sensitivity)
+from . import bias_correct, calibrate, gptq, insert, latency, levels, saturation, sensitivity
 from .placement import Plan, plan_graph
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
