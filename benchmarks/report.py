@@ -157,6 +157,9 @@ def _data_line(model: dict) -> str:
     text = (f"{model['kind']} model `{model['path']}`, opset {model['opset']}; data: "
             f"{model['data']} — {model['calib_count']} calibration / {model['val_count']} "
             "validation samples (disjoint, seed 0).")
+    if model.get("gate_count"):
+        text += (f" onnxslim_cnn validates its own decisions on {model['gate_count']} further "
+                 "samples, never on the measured ones.")
     if model.get("top1_fp32") is not None:
         text += f" fp32 top-1 on these: {100 * model['top1_fp32']:.1f} %."
     else:

@@ -15,6 +15,7 @@ is measured on the same other samples.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,16 +95,37 @@ def dataset_for(name: str, shared: Path = SHARED) -> Path | None:
     return None
 
 
-def load(source: Source, calib_count: int, val_count: int) -> Dataset:
-    """The calibration/validation split of ``source`` (random inputs when no data)."""
-    config = DataConfig(path=source.data, calib_count=calib_count, val_count=val_count,
-                        seed=SEED)
-    return load_dataset(config, onnx.load(str(source.path)), source.path)
+def load(source: Source, calib_count: int, val_count: int, gate_count: int = 0) -> Dataset:
+    """The calibration/measurement split of ``source`` (random inputs when no data).
+
+    With real data, the ``gate_count`` samples after the calibration ones are left out of
+    the measurement: onnxslim_cnn validates (and backs off) on them, so no tool's row is
+    measured on samples that tool tuned or gated on (see ``cli_data_args``).
+    """
+    gate = gate_count if source.data else 0
+    config = DataConfig(path=source.data, calib_count=calib_count,
+                        val_count=gate + val_count, seed=SEED)
+    data = load_dataset(config, onnx.load(str(source.path)), source.path)
+    return _drop_first(data, gate) if gate else data
 
 
-def cli_data_args(source: Source, calib_count: int, val_count: int) -> tuple[str, ...]:
-    """onnxslim_cnn CLI options that rebuild exactly the split ``load`` makes."""
-    args = ("--calib-count", str(calib_count), "--val-count", str(val_count),
+def _drop_first(data: Dataset, count: int) -> Dataset:
+    """``data`` without its first ``count`` validation samples, rebatched alike."""
+    size = len(next(iter(data.val[0].values())))
+    joined = {name: np.concatenate([b[name] for b in data.val])[count:] for name in data.val[0]}
+    total = len(next(iter(joined.values())))
+    val = [{name: a[i:i + size] for name, a in joined.items()} for i in range(0, total, size)]
+    labels = None if data.val_labels is None else data.val_labels[count:]
+    return dataclasses.replace(data, val=val, val_labels=labels)
+
+
+def cli_data_args(source: Source, calib_count: int, val_count: int,
+                  gate_count: int = 0) -> tuple[str, ...]:
+    """onnxslim_cnn CLI options: the calibration samples ``load`` uses, and as validation
+    the ``gate_count`` samples that ``load`` keeps out of the measurement (with real data
+    and a gate; else the measured samples, as for random inputs)."""
+    own = gate_count if source.data and gate_count else val_count
+    args = ("--calib-count", str(calib_count), "--val-count", str(own),
             "--seed", str(SEED))
     return (("--data", str(source.data)) if source.data else ()) + args
 

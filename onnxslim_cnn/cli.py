@@ -80,12 +80,13 @@ def _data_options(d) -> None:
 
 
 def _validation_options(b) -> None:
-    b.add_argument("--max-top1-drop", type=float, default=Budget.max_top1_drop,
-                   help="lossy passes: largest top-1 loss in points (with labels)")
+    b.add_argument("--max-top1-drop", type=float, help="lossy passes: largest top-1 loss "
+                   f"in points (with labels; default {Budget.max_top1_drop:g}); stated "
+                   "without --min-cosine, it replaces the cosine floor when labels exist")
     b.add_argument("--min-top1-agreement", type=float, help="lossy passes: smallest "
                    "fraction of samples whose top-1 class agrees with the original")
-    b.add_argument("--min-cosine", type=float, default=Budget.min_cosine,
-                   help="lossy passes: smallest output cosine similarity")
+    b.add_argument("--min-cosine", type=float, help="lossy passes: smallest output "
+                   f"cosine similarity (default {Budget.min_cosine:g})")
     b.add_argument("--rtol", type=float, help="lossless passes: relative tolerance")
     b.add_argument("--atol", type=float, help="lossless passes: absolute tolerance, "
                    "scaled by max(1, max|output|)")
@@ -260,13 +261,22 @@ def _config(args, pipeline: tuple[str, ...], default_preset: str = "safe") -> Co
         passes=pipeline, options=_options(args),
         data=DataConfig(path=args.data, preproc=args.preproc, calib_count=args.calib_count,
                         val_count=args.val_count, seed=args.seed),
-        budget=Budget(max_top1_drop=args.max_top1_drop, min_cosine=args.min_cosine,
-                      min_top1_agreement=args.min_top1_agreement),
+        budget=_budget(args),
         tolerance=tolerance, validate=not args.no_validate, force=args.force,
         quiet=args.quiet, seed=args.seed,
         preset=_preset(args, default_preset) if pipeline else None,
         target_size=None if args.target_size is None else parse_size(args.target_size),
     )
+
+
+def _budget(args) -> Budget:
+    """The budget the user stated; a stated top-1 drop alone replaces the cosine floor."""
+    return Budget(
+        max_top1_drop=Budget.max_top1_drop if args.max_top1_drop is None
+        else args.max_top1_drop,
+        min_cosine=Budget.min_cosine if args.min_cosine is None else args.min_cosine,
+        min_top1_agreement=args.min_top1_agreement,
+        top1_replaces_cosine=args.max_top1_drop is not None and args.min_cosine is None)
 
 
 def _check_report_path(report: Path | None, input_path: str, output_path: str) -> None:

@@ -39,11 +39,20 @@ class Budget:
         min_top1_agreement: smallest fraction of samples whose top-1 class must agree
             with the original's (classifier-shaped outputs; None = not checked).
         min_cosine: smallest cosine similarity between original and candidate outputs.
+        top1_replaces_cosine: when labels are present, judge by the top-1 drop (and the
+            agreement floor, if set) and not by ``min_cosine``. The CLI sets it when the
+            user states ``--max-top1-drop`` and no ``--min-cosine``: the stated budget is
+            the one that binds. Without labels the cosine floor always applies.
     """
 
     max_top1_drop: float = 1.0
     min_top1_agreement: float | None = None
     min_cosine: float = 0.99
+    top1_replaces_cosine: bool = False
+
+    def cosine_floor(self, labelled: bool) -> float:
+        """The cosine the outputs must keep; -1 (no floor) when top-1 replaces it."""
+        return -1.0 if self.top1_replaces_cosine and labelled else self.min_cosine
 
 
 @dataclass(frozen=True)

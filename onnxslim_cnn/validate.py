@@ -331,9 +331,10 @@ def check_budget(metrics: Metrics, budget: Budget) -> str | None:
     """None when ``metrics`` meet ``budget``, else the first violated criterion."""
     if not np.isfinite(metrics.max_abs):
         return "outputs contain NaN or Inf"
-    if metrics.cosine < budget.min_cosine:
-        return f"cosine {metrics.cosine:.5f} < {budget.min_cosine}"
     drop = metrics.top1_drop
+    floor = budget.cosine_floor(labelled=drop is not None)
+    if metrics.cosine < floor:
+        return f"cosine {metrics.cosine:.5f} < {floor}"
     if drop is not None and drop > budget.max_top1_drop:
         return f"top-1 drop {drop:.2f} points > {budget.max_top1_drop}"
     agree = metrics.top1_agreement

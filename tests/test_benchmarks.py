@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import peers
@@ -191,3 +192,23 @@ def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
     assert [r["command"] for r in merged["meta"]["runs"]] == ["A", "B", "C"]
     same = merge([run("A", [], 300, ["fp32"]), run("B", [], 400, ["nncf"])])
     assert [r["tool"] for r in same["models"][0]["rows"]] == ["nncf"]  # other image count
+
+
+def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
+    from benchmarks import sources
+
+    source = sources.resolve("resnet8_cifar10_mlperf_tiny", SHARED_MODELS) \
+        if (SHARED_MODELS / "resnet8_cifar10_mlperf_tiny").is_dir() else None
+    if source is None or source.data is None:
+        pytest.skip("../shared/models resnet8 with its dataset is not present")
+    whole = sources.load(source, calib_count=6, val_count=12 + 20)
+    gated = sources.load(source, calib_count=6, val_count=20, gate_count=12)
+    assert gated.val_count == 20 and gated.calib_count == 6
+    (name,) = whole.val[0]
+    joined = np.concatenate([b[name] for b in whole.val])
+    np.testing.assert_array_equal(np.concatenate([b[name] for b in gated.val]), joined[12:])
+    np.testing.assert_array_equal(gated.val_labels, whole.val_labels[12:])
+    args = sources.cli_data_args(source, 6, 20, gate_count=12)
+    # ours calibrates on the same 6 samples and validates on exactly the 12 gate samples
+    assert args[args.index("--calib-count") + 1] == "6"
+    assert args[args.index("--val-count") + 1] == "12"

@@ -428,3 +428,15 @@ def test_cli_qdq_flags_reach_the_pass_options():
     qdq = REGISTRY["qdq-int8"](options).options
     assert (qdq.weight_rounding, qdq.activation_levels, qdq.int8_tails, qdq.latency_guard) == \
         ("nearest", "full", False, True)
+
+
+@pytest.mark.parametrize(("flags", "expect"), [
+    ([], (1.0, 0.99, False)),
+    (["--max-top1-drop", "0.5"], (0.5, 0.99, True)),
+    (["--max-top1-drop", "0.5", "--min-cosine", "0.98"], (0.5, 0.98, False)),
+    (["--min-cosine", "0.9"], (1.0, 0.9, False)),
+])
+def test_cli_stated_top1_drop_alone_replaces_cosine_floor(flags, expect):
+    args = cli._parser({"lossless": ()}, "lossless").parse_args(["in.onnx", "out.onnx", *flags])
+    budget = cli._budget(args)
+    assert (budget.max_top1_drop, budget.min_cosine, budget.top1_replaces_cosine) == expect

@@ -201,3 +201,25 @@ def test_runner_concatenates_batches():
             runner.run([])
     finally:
         runner.close()
+
+
+def _metrics(cosine: float, top1_ref: float | None, top1: float | None) -> Metrics:
+    out = OutputMetrics(name="y", max_abs=0.5, max_rel=0.1, cosine=cosine, cosine_min=cosine,
+                        sqnr_db=10.0, top1_agreement=0.9)
+    return Metrics(outputs=[out], samples=400, top1_ref=top1_ref, top1=top1)
+
+
+@pytest.mark.parametrize(("replaces", "labelled", "expect"), [
+    (False, True, "cosine 0.95000 < 0.99"),   # both criteria apply
+    (True, True, None),                        # the stated top-1 budget binds alone
+    (True, False, "cosine 0.95000 < 0.99"),   # no labels: the cosine floor stays
+])
+def test_check_budget_top1_replaces_cosine_only_with_labels(replaces, labelled, expect):
+    budget = Budget(max_top1_drop=1.0, min_cosine=0.99, top1_replaces_cosine=replaces)
+    metrics = _metrics(0.95, 0.80 if labelled else None, 0.795 if labelled else None)
+    assert check_budget(metrics, budget) == expect
+
+
+def test_check_budget_top1_replacing_cosine_still_gates_on_top1():
+    budget = Budget(max_top1_drop=1.0, top1_replaces_cosine=True)
+    assert check_budget(_metrics(0.999, 0.80, 0.78), budget) == "top-1 drop 2.00 points > 1.0"

@@ -36,7 +36,8 @@ def shared_budget(budget: Budget, share: float) -> Budget:
     agree = budget.min_top1_agreement
     return Budget(max_top1_drop=share * budget.max_top1_drop,
                   min_cosine=1 - share * (1 - budget.min_cosine),
-                  min_top1_agreement=None if agree is None else 1 - share * (1 - agree))
+                  min_top1_agreement=None if agree is None else 1 - share * (1 - agree),
+                  top1_replaces_cosine=budget.top1_replaces_cosine)
 
 
 @dataclass
@@ -88,8 +89,9 @@ class Judge:
         no such bound: on a few dozen samples one flip already exceeds any budget."""
         for name, ref in self.ref.items():
             low = _bound(_cosines(ref, out[name]), -Z)
-            if low < self.budget.min_cosine:
-                return f"cosine lower bound {low:.5f} < {self.budget.min_cosine}"
+            floor = self.budget.cosine_floor(labelled=self.labels is not None)
+            if low < floor:
+                return f"cosine lower bound {low:.5f} < {floor}"
         return None
 
     def _note(self, state: State, metrics: validate.Metrics, reason: str | None) -> None:

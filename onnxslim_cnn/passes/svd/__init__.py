@@ -220,7 +220,7 @@ def _acceptable(metrics: validate.Metrics, ctx: PassContext) -> bool:
     floor = ctx.budget.min_top1_agreement
     if floor is None:
         floor = 1 - 2 * ctx.budget.max_top1_drop / 100
-    cosine = (1 + ctx.budget.min_cosine) / 2
+    cosine = (1 + ctx.budget.cosine_floor(labelled=agree is not None)) / 2
     return metrics.cosine >= cosine and (agree is None or agree >= floor)
 
 
