@@ -223,3 +223,11 @@ def test_check_budget_top1_replaces_cosine_only_with_labels(replaces, labelled, 
 def test_check_budget_top1_replacing_cosine_still_gates_on_top1():
     budget = Budget(max_top1_drop=1.0, top1_replaces_cosine=True)
     assert check_budget(_metrics(0.999, 0.80, 0.78), budget) == "top-1 drop 2.00 points > 1.0"
+
+
+def test_check_budget_drop_of_exactly_the_budget_passes():
+    # 1 sample of 100 lost: 100 * (0.81 - 0.80) = 1.0000000000000009 in floating point
+    metrics = _metrics(0.999, 0.81, 0.80)
+    assert metrics.top1_drop > 1.0
+    assert check_budget(metrics, Budget(max_top1_drop=1.0)) is None
+    assert check_budget(_metrics(0.999, 0.81, 0.79), Budget(max_top1_drop=1.0)) is not None
