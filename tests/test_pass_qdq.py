@@ -524,3 +524,42 @@ def test_qdq_sqnr_fallback_keeps_the_sensitive_layer_float_with_int8_storage():
     ref = run(model, feed)["y"].astype(np.float64)
     snr = lambda m: -np.log10(np.sum((run(m, feed, "all")["y"] - ref) ** 2))  # noqa: E731
     assert snr(out) > snr(plain) + 1.0  # the fallback cuts the output error > 10x
+
+
+# x -> Conv(1x1) -> Clip(0, 6) -> Conv(1x1, saturating weights) -> Add -> y
+# The Clip output is what the second conv reads: a coarser activation grid there would
+# let the saturating weights keep their range (levels.py) but reach past 6, so
+# onnxruntime could no longer fold the Clip and the first conv would run in float.
+CLIPPED_SATURATING = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 8, 4, 4] x) => (float[N, 4, 4, 4] y) {
+    c1 = Conv (x, w1, b1)
+    r = Clip (c1, lo, hi)
+    c2 = Conv (r, w2, b2)
+    y = Add (c2, c2)
+}
+"""
+
+
+def test_qdq_activation_levels_keep_a_clip_foldable(tmp_path):
+    w2 = np.full((4, 8, 1, 1), 0.9, np.float32)
+    w2[:, ::2] = 1.0
+    model = make_model(CLIPPED_SATURATING, {
+        "w1": np.eye(8, dtype=np.float32).reshape(8, 8, 1, 1), "b1": np.zeros(8, np.float32),
+        "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32),
+        "w2": w2, "b2": np.zeros(4, np.float32)})
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.uniform(0.0, 7.0, (4, 8, 4, 4)).astype(np.float32)} for _ in range(2)]
+    # Without the Clip rule, auto gives c2's input 159 levels and c1 runs as float FusedConv.
+    out, result = apply_pass(QdqInt8, model, {"calib_method": "minmax", "latency_guard": False,
+                                              "activation_levels": "auto"},
+                             PassContext(calib=calib))
+    records = {r["layer"]: r for r in result.layers}
+    assert records["c2"]["input_levels"] == 255
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops.get("FusedConv", 0) == 0 and ops.get("Clip", 0) == 0
+    feed = {"x": np.random.default_rng(6).uniform(0.0, 7.0, (2, 8, 4, 4)).astype(np.float32)}
+    kernel = run(out, feed, optimization="all")["y"]
+    np.testing.assert_allclose(kernel, run(out, feed, optimization="disable")["y"],
+                               rtol=0, atol=0.2)
+    assert cosine(kernel, run(model, feed)["y"]) > 0.999
