@@ -221,3 +221,29 @@ def test_auto_validation_failure_backs_off_worst_layer(monkeypatch):
     assert "refused by the test" in rec.reason
     assert rec.size_before > rec.size_after > model_io.model_bytes(refused[0])  # safer
     assert report.final["cosine"] >= 0.9
+
+
+def test_auto_top1_only_search_first_retreats_to_the_cosine_floor_choice():
+    """Judged by top-1 alone (a stated --max-top1-drop; here one no flip can exceed), the
+    search takes the cheapest mix; when validation refuses it, the first back-off lands
+    exactly where the same search stops with the cosine floor back."""
+    from onnxslim_cnn.auto import AutoCompress
+    from onnxslim_cnn.manager import export_graph, import_graph
+
+    m = model()
+    batches = calib(m, 12)
+    labels = np.random.default_rng(0).integers(0, 10, 24)
+    options = {"auto_candidates": ("int8", "c2")}
+
+    def chosen(budget, retreat):
+        graph = import_graph(m)
+        p = AutoCompress(options)
+        p.run(graph, PassContext(calib=batches, calib_labels=labels, budget=budget))
+        if retreat:
+            assert p.back_off(graph) is not None
+        return model_io.model_bytes(export_graph(graph, m))
+
+    top1_only = Budget(max_top1_drop=100.0, min_cosine=0.999, top1_replaces_cosine=True)
+    floored = Budget(max_top1_drop=100.0, min_cosine=0.999)
+    cheapest, retreated = chosen(top1_only, False), chosen(top1_only, True)
+    assert cheapest < retreated == chosen(floored, False)
