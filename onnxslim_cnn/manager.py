@@ -41,7 +41,7 @@ from .passes.base import Pass, PassContext, PassResult
 from .presets import DEFAULT_PRESET, PRESET_OPTIONS, PRESETS  # noqa: F401 (re-exported)
 from .report import PassRecord, Report
 
-MAX_BACK_OFF = 8  # validation failures a retreating pass may answer with a safer step
+MAX_BACK_OFF = 12  # validation failures a retreating pass may answer with a safer step
 
 
 def build_pipeline(config: Config) -> list[Pass]:

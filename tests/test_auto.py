@@ -225,9 +225,10 @@ def test_auto_validation_failure_backs_off_worst_layer(monkeypatch):
 
 def test_auto_top1_only_search_first_retreats_to_the_cosine_floor_choice():
     """Judged by top-1 alone (a stated --max-top1-drop; here one no flip can exceed), the
-    search takes the cheapest mix; when validation refuses it, the first back-off lands
-    exactly where the same search stops with the cosine floor back."""
-    from onnxslim_cnn.auto import AutoCompress
+    search takes the cheapest mix; when validation keeps refusing it and the layer steps
+    are spent, the next back-off lands exactly where the same search stops with the
+    cosine floor back."""
+    from onnxslim_cnn.auto import LAYER_STEPS, AutoCompress
     from onnxslim_cnn.manager import export_graph, import_graph
 
     m = model()
@@ -240,6 +241,7 @@ def test_auto_top1_only_search_first_retreats_to_the_cosine_floor_choice():
         p = AutoCompress(options)
         p.run(graph, PassContext(calib=batches, calib_labels=labels, budget=budget))
         if retreat:
+            p._steps = LAYER_STEPS  # the layer steps are spent
             assert p.back_off(graph) is not None
         return model_io.model_bytes(export_graph(graph, m))
 

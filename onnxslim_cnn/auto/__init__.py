@@ -60,6 +60,9 @@ class AutoOptions:
     target_size: int | None = None
 
 
+LAYER_STEPS = 8  # layer back-offs before a top-1-only search retreats to the cosine floor
+
+
 @register
 class AutoCompress(Pass):
     name = "auto-compress"
@@ -75,6 +78,7 @@ class AutoCompress(Pass):
         self.flat = dict(options or {})  # forwarded to the candidate passes
         self.explored: list[dict] = []
         self._last = None  # (fronts, measured options, judge, chosen state) of run()
+        self._steps = 0  # back-offs since run()
 
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
@@ -108,6 +112,7 @@ class AutoCompress(Pass):
             search.by_size(judge, path, target)
         self.explored = [_predicted(fronts, s, judge) for s in path] + judge.explored
         self._last = (fronts, every, judge, state)
+        self._steps = 0
         self._describe(result, fronts, every, state, judge)
         if result.changed:
             _replace(graph, judge.model(state))
@@ -120,13 +125,14 @@ class AutoCompress(Pass):
         if self._last is None:
             return None
         fronts, every, judge, state = self._last
-        floored = self._cosine_retreat(judge, fronts, state)
-        if floored is not None:
-            judge, state = floored
-        else:
-            state = allocate.back_off(fronts, state)
-        if state is None or not any(state.values()):
-            return None
+        self._steps += 1
+        safer = allocate.back_off(fronts, state) if self._steps <= LAYER_STEPS else None
+        if safer is None or not any(safer.values()):
+            floored = self._cosine_retreat(judge, fronts, state)
+            if floored is None:
+                return None
+            judge, safer = floored
+        state = safer
         self._last = (fronts, every, judge, state)
         result = PassResult(changed=True)
         self._describe(result, fronts, every, state, judge)
@@ -136,10 +142,11 @@ class AutoCompress(Pass):
     def _cosine_retreat(self, judge: search.Judge, fronts, state) -> tuple | None:
         """A search judged by top-1 alone (``Budget.top1_replaces_cosine``) sees a few
         dozen held-out samples, where one flip is several points: it can overshoot far
-        (EfficientNet-Lite0: 13 points on validation, beyond 8 layer steps). Its first
-        retreat is to the state the same search picks with the cosine floor back, a
-        far smoother signal on few samples; None when that floor was in force already
-        or changes nothing (the layer-by-layer back-off follows)."""
+        (EfficientNet-Lite0: 13 points on validation, beyond 8 layer steps). When the
+        layer steps run out, it retreats to the state the same search picks with the
+        cosine floor back, a far smoother signal on few samples (the remaining layer
+        steps go on from there); None when that floor was in force already or changes
+        nothing."""
         budget = judge.budget
         if self.options.target_size is not None or not budget.top1_replaces_cosine \
                 or judge.labels is None:
