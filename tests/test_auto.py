@@ -249,3 +249,12 @@ def test_auto_top1_only_search_first_retreats_to_the_cosine_floor_choice():
     floored = Budget(max_top1_drop=100.0, min_cosine=0.999)
     cheapest, retreated = chosen(top1_only, False), chosen(top1_only, True)
     assert cheapest < retreated == chosen(floored, False)
+
+    # after the retreat, the layer steps go on from the cosine-floor choice
+    graph = import_graph(m)
+    p = AutoCompress(options)
+    p.run(graph, PassContext(calib=batches, calib_labels=labels, budget=top1_only))
+    p._steps = LAYER_STEPS
+    assert p.back_off(graph) is not None
+    assert p.back_off(graph) is not None
+    assert model_io.model_bytes(export_graph(graph, m)) > retreated

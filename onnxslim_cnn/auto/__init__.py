@@ -126,7 +126,9 @@ class AutoCompress(Pass):
             return None
         fronts, every, judge, state = self._last
         self._steps += 1
-        safer = allocate.back_off(fronts, state) if self._steps <= LAYER_STEPS else None
+        retreated = not judge.budget.top1_replaces_cosine or judge.labels is None
+        layer_step = self._steps <= LAYER_STEPS or retreated
+        safer = allocate.back_off(fronts, state) if layer_step else None
         if safer is None or not any(safer.values()):
             floored = self._cosine_retreat(judge, fronts, state)
             if floored is None:
