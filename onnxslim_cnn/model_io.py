@@ -67,12 +67,13 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 def _check_input_shapes(model: onnx.ModelProto, path: Path) -> None:
     # The checker refuses these too, but with a message that names no input.
     for inp in model.graph.input:
-        if inp.type.HasField("tensor_type") and not inp.type.tensor_type.HasField("shape"):
+        if not inp.type.HasField("tensor_type"):
+            continue
+        if not inp.type.tensor_type.HasField("shape"):
             raise InvalidModelError(
                 f"{path}: graph input '{inp.name}' has no shape; ONNX requires one "
                 "(symbolic dims are fine, e.g. ['N', 3, 'H', 'W'])")
-        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
-        empty = [axis for axis, dim in enumerate(dims)
+        empty = [axis for axis, dim in enumerate(inp.type.tensor_type.shape.dim)
                  if dim.HasField("dim_value") and dim.dim_value == 0]
         if empty:
             raise InvalidModelError(
@@ -89,17 +90,18 @@ def check_finite_weights(model: onnx.ModelProto, what: str = "model") -> None:
     Raises:
         InvalidModelError: names the node, the tensor and how many values are bad.
     """
-    tensors = {t.name: t for t in model.graph.initializer}
-    tensors.update((n.output[0], n.attribute[0].t) for n in model.graph.node
-                   if n.op_type == "Constant" and len(n.attribute) == 1
-                   and n.attribute[0].name == "value")
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
     seen: set[str] = set()
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
         for name in node.input:
-            tensor = tensors.get(name)
-            if tensor is None or name in seen or tensor.data_type not in FLOAT_TYPES:
+            if name in seen:
+                continue
+            tensor = inits.get(name) or (_constant_tensor(constants[name])
+                                         if name in constants else None)
+            if tensor is None or tensor.data_type not in FLOAT_TYPES:
                 continue
             seen.add(name)
             values = numpy_helper.to_array(tensor)

@@ -63,6 +63,11 @@ class AutoOptions:
 LAYER_STEPS = 8  # layer back-offs before a top-1-only search retreats to the cosine floor
 
 
+def _top1_only(judge: search.Judge) -> bool:
+    """Whether ``judge`` decides by top-1 alone (no cosine floor in force)."""
+    return judge.labels is not None and judge.budget.top1_replaces_cosine
+
+
 @register
 class AutoCompress(Pass):
     name = "auto-compress"
@@ -126,8 +131,7 @@ class AutoCompress(Pass):
             return None
         fronts, every, judge, state = self._last
         self._steps += 1
-        retreated = not judge.budget.top1_replaces_cosine or judge.labels is None
-        layer_step = self._steps <= LAYER_STEPS or retreated
+        layer_step = self._steps <= LAYER_STEPS or not _top1_only(judge)
         safer = allocate.back_off(fronts, state) if layer_step else None
         if safer is None or not any(safer.values()):
             floored = self._cosine_retreat(judge, fronts, state)
@@ -149,12 +153,10 @@ class AutoCompress(Pass):
         cosine floor back, a far smoother signal on few samples (the remaining layer
         steps go on from there); None when that floor was in force already or changes
         nothing."""
-        budget = judge.budget
-        if self.options.target_size is not None or not budget.top1_replaces_cosine \
-                or judge.labels is None:
+        if self.options.target_size is not None or not _top1_only(judge):
             return None
         floored = dataclasses.replace(
-            judge, budget=dataclasses.replace(budget, top1_replaces_cosine=False),
+            judge, budget=dataclasses.replace(judge.budget, top1_replaces_cosine=False),
             explored=[])
         safer = search.by_budget(floored, allocate.greedy_path(fronts))
         judge.explored.extend(floored.explored)

@@ -289,7 +289,6 @@ class QdqInt8(Pass):
         mat = insert.Materializer(graph, taken_names(graph))
         dense = {id(s.node): const_value(s.node.inputs[s.index]) for s in plan.weights}
         act_of = {id(s.node): s.node.inputs[0].name for s in plan.weights}
-        tensors = {name: reads[0][0].inputs[reads[0][1]] for name, reads in plan.reads.items()}
         quants = {}
         for site in plan.weights:
             act = act_of[id(site.node)]
@@ -305,7 +304,7 @@ class QdqInt8(Pass):
                                              stats.get(site.activation))
             mat.bias(site, bias, params[site.activation], wq)
         for name, reads in plan.reads.items():
-            mat.activation(tensors[name], params[name], reads)
+            mat.activation(plan.tensor(name), params[name], reads)
         return mat
 
     def _quantize_weight(self, site, w, act, stats, hess) -> insert.WeightQuant:

@@ -68,9 +68,8 @@ def choose(plan: Plan, ranges: dict[str, tuple[float, float]], stats: dict[str, 
 def _clip_caps(plan: Plan, root: dict[str, str]) -> dict[str, float]:
     """Root tensor -> the smallest upper bound of a Clip writing one of its tensors."""
     caps: dict[str, float] = {}
-    for name, reads in plan.reads.items():
-        node, index = reads[0]
-        producers = node.inputs[index].inputs
+    for name in plan.reads:
+        producers = plan.tensor(name).inputs
         high = _clip_max(producers[0]) if producers else None
         if high is not None and name in root:
             caps[root[name]] = min(high, caps.get(root[name], high))

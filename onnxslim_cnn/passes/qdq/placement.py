@@ -76,6 +76,11 @@ class Plan:
     tails: set[str] = field(default_factory=set)
     declined: Counter = field(default_factory=Counter)
 
+    def tensor(self, name: str) -> gs.Variable:
+        """The activation tensor ``name`` of ``reads``, as its first reader sees it."""
+        node, index = self.reads[name][0]
+        return node.inputs[index]
+
 
 def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False,
                int8_tails: bool = True) -> Plan:
