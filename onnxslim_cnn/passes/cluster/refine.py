@@ -59,10 +59,12 @@ class ConvGeom:
 
 @dataclass
 class Moments:
-    """Second moment G [groups, P, P] and mean patch [groups, P] of a layer's input."""
+    """Second moment G [groups, P, P] and mean patch [groups, P] of a layer's input,
+    from ``count`` patches (0: unknown)."""
 
     gram: np.ndarray
     mean: np.ndarray
+    count: int = 0
     _cov: np.ndarray | None = None
 
     def cov(self) -> np.ndarray:
@@ -70,6 +72,27 @@ class Moments:
         if self._cov is None:
             self._cov = self.gram - self.mean[:, :, None] * self.mean[:, None, :]
         return self._cov
+
+    def fit_matrix(self, centred: bool) -> np.ndarray:
+        """S to fit and score against: G (or the covariance), shrunk towards its diagonal.
+
+        With n patches of P values the sample matrix has rank <= n; a dense head after a
+        global pool sees one row per image (100 images, P = 1280), so error feedback and
+        least squares would hide the error in directions the calibration images happen
+        not to span, and score it as 20 dB better than it is on other images. Shrinking
+        by alpha = P / (P + n) towards diag(S) (a Ledoit-Wolf-style weight: ~3 % for a
+        3x3 conv's 8192 patches, > 90 % for that head) keeps the fit to what the data
+        supports; the diagonal still weighs each input by its power.
+        """
+        s = self.cov() if centred else self.gram
+        if not self.count:
+            return s
+        size = s.shape[1]
+        alpha = size / (size + self.count)
+        diag = np.einsum("gii->gi", s)
+        out = (1 - alpha) * s
+        out[:, np.arange(size), np.arange(size)] += alpha * diag
+        return out
 
 
 def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]],
@@ -100,7 +123,7 @@ def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]
             progress(f"cluster-weights: activations of batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
-    return {k: Moments(g / max(counts[k], 1), sums[k] / max(counts[k], 1))
+    return {k: Moments(g / max(counts[k], 1), sums[k] / max(counts[k], 1), counts[k])
             for k, g in grams.items()}
 
 
@@ -153,7 +176,7 @@ class Quadratic:
             self.sw, self.wsw = w, np.sum(w * w, axis=1)
             return
         self.groups = moments.gram.shape[0]
-        self.s = moments.cov() if corrects_bias else moments.gram
+        self.s = moments.fit_matrix(corrects_bias)
         self.signal = float(np.sum(_group_apply(w, moments.gram) * w))
         self.sw = _group_apply(w, self.s)
         self.wsw = np.sum(self.sw * w, axis=1)

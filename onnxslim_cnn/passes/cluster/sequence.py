@@ -149,5 +149,5 @@ class _Sums:
 
     def result(self) -> Shifted:
         n = max(self.count, 1)
-        return Shifted(refine.Moments(self.gram / n, self.sum_p / n), self.cross / n,
-                       self.sum_o / n, self.count)
+        return Shifted(refine.Moments(self.gram / n, self.sum_p / n, self.count),
+                       self.cross / n, self.sum_o / n, self.count)
