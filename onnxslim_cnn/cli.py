@@ -215,7 +215,7 @@ def _cluster_options(g) -> None:
     g.add_argument("--bits", type=int, help="cluster-weights: index bits (1-8) for every "
                    "layer (default 4 unless a budget is given)")
     g.add_argument("--avg-bits", type=float, help="cluster-weights: size budget, average "
-                   "bits per weight with codebooks; bits chosen per layer")
+                   "bits per weight with codebooks and decode nodes; bits chosen per layer")
     g.add_argument("--min-layer-sqnr", type=float, dest="min_sqnr_db", help="cluster-weights:"
                    " error budget, fewest bits reaching this output SQNR (dB) per layer")
     g.add_argument("--granularity", choices=("auto", "channel", "tensor"),

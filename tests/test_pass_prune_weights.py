@@ -284,7 +284,8 @@ def test_obs_refine_reaches_the_exact_least_squares_of_the_mask():
 
 def test_reach_of_the_classifier_is_one_and_all_are_positive():
     # r_l = (model output error with layer l masked) / (layer l's own output error): the
-    # Gemm's output is the model output, so on the same samples its r is exactly 1
+    # Gemm's output is the model output, so on the same samples its r is 1 (up to the
+    # shrinkage of H towards its diagonal, gram.shrunk)
     model, batches = cnn(), calib(2)
     graph = gs.import_onnx(model)
     layers = [gram.layer_of(n) for n in graph.nodes if n.op in ("Conv", "Gemm")]
@@ -293,7 +294,7 @@ def test_reach_of_the_classifier_is_one_and_all_are_positive():
     curves = [recover.error_curve(x, grams[x.name], options) for x in layers]
     scores = [recover.score(x, grams[x.name], options) for x in layers]
     r = reach.reach(model, layers, curves, scores, batches)
-    assert r[-1] == pytest.approx(1.0, rel=1e-4)
+    assert r[-1] == pytest.approx(1.0, rel=2e-2)
     assert all(np.isfinite(v) and v > 0 for v in r)
 
 
@@ -329,3 +330,28 @@ def test_gram_sampled_rows_equal_the_full_im2col_rows(attrs):
     full = gram.rows(layer, x)
     pick = np.sort(np.random.default_rng(0).choice(full.shape[0], 17, replace=False))
     np.testing.assert_array_equal(gram.rows(layer, x, pick), full[pick])
+
+
+def test_refit_on_fewer_rows_than_inputs_shrinks_so_other_inputs_gain_too():
+    # 64 rows (images through a dense head) of 256 inputs plus the bias slot's ones
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((256, 256)) / 16
+
+    def rows(n):
+        x = np.maximum(rng.standard_normal((n, 256)) @ mix, 0)
+        return np.concatenate([x, np.ones((n, 1))], axis=1)
+
+    fit, other = rows(64), rows(4000)
+    h, h_other = (fit.T @ fit)[None], (other.T @ other)[None]
+    w = np.concatenate([rng.standard_normal((1, 16, 256)), rng.standard_normal((1, 16, 1))],
+                       axis=2)
+    keep = np.abs(w[:, :, :256]) > np.median(np.abs(w[:, :, :256]))
+
+    def err(hh, new):
+        d = new - w
+        return np.einsum("gok,gkl,gol->", d, hh, d) / np.einsum("gok,gkl,gol->", w, hh, w)
+
+    masked = err(h_other, np.where(gram.pad_keep(keep, 257), w, 0))
+    raw, shrunk = gram.refit(h, w, keep), gram.refit(gram.shrunk(h), w, keep)
+    assert err(h, raw) < 1e-4 and err(h_other, raw) > masked  # fits the 64 rows, not others
+    assert err(h_other, shrunk) < 0.9 * masked  # re-fit on the shrunk H: better elsewhere

@@ -57,7 +57,8 @@ class ClusterOptions:
 
     Attributes:
         bits: index bits for every layer (1..8); None with no budget means 4.
-        avg_bits: size budget: average bits per weight, codebooks included.
+        avg_bits: size budget: average bits per weight, codebooks and (for tensors
+            below SMALL) decode nodes included.
         min_sqnr_db: error budget: each layer's cheapest bits reaching this output SQNR.
         granularity: ``auto`` (chosen per layer), ``channel`` or ``tensor`` codebooks.
         kmeans_init: one of kmeans.INITS.
@@ -222,22 +223,36 @@ class ClusterWeights(Pass):
     def _candidate(self, site, bits, per_channel, quads, ctx, keep) -> select.Candidate:
         """A scored k-means candidate (not refined); ``keep``: with its clustering."""
         c = self._cluster(site, bits, per_channel, quads, ctx, False)
-        return select.Candidate(bits, per_channel, c.nbytes, c.sqnr_db, c if keep else None)
+        cost = self._file_cost(site, c)
+        if cost is None:  # _encode keeps this one dense: no bytes saved, no error
+            return select.Candidate(bits, per_channel, _dense_bytes(site), refine.CAP_DB,
+                                    dense=True)
+        return select.Candidate(bits, per_channel, cost, c.sqnr_db, c if keep else None)
+
+    @staticmethod
+    def _file_cost(site, clustered) -> int | None:
+        """Bytes the encoding adds to the file, decode nodes included (they are ~1-2 kB,
+        which decides for small tensors); None when that is not below the dense bytes.
+        Encoded named "w": the cost once compact-names runs, as every preset does (the
+        weight's long name repeated in every decode node would add ~2 kB)."""
+        dense = _dense_bytes(site)
+        if dense >= SMALL:
+            return clustered.nbytes
+        idx, book = sites.stored_layout(site, clustered)
+        trial = storage.encode_codebook(
+            gs.Graph(opset=ClusterWeights.min_opset), "w", idx, book, clustered.bits,
+            taken=set(), per_channel_axis=site.axis if clustered.per_channel else None)
+        return trial.file_bytes if trial.file_bytes < dense else None
 
     # -- storage ---------------------------------------------------------------------
 
     def _encode(self, graph, site, clustered, shift, taken, result: PassResult) -> None:
         """Store ``clustered`` in place of the weight; ``shift``: bias change or None."""
+        if self._file_cost(site, clustered) is None:
+            result.declined["encoding would not make the file smaller"] += 1
+            return
         idx, book = sites.stored_layout(site, clustered)
         axis = site.axis if clustered.per_channel else None
-        dense = int(np.asarray(site.const.values).nbytes)
-        if dense < SMALL:
-            trial = storage.encode_codebook(gs.Graph(opset=graph.opset), site.key, idx, book,
-                                            clustered.bits, taken=set(taken),
-                                            per_channel_axis=axis)
-            if trial.file_bytes >= dense:
-                result.declined["encoding would not make the file smaller"] += 1
-                return
         encoded = storage.encode_codebook(graph, site.const.name, idx, book, clustered.bits,
                                           taken=taken, per_channel_axis=axis)
         storage.replace_with(graph, site.const, encoded)
@@ -258,6 +273,10 @@ class ClusterWeights(Pass):
             avg_bits=round(8 * after / max(weights, 1), 3),
             mean_refine_gain_db=round(float(np.mean(gains)) if gains else 0.0, 3),
             seconds=round(seconds, 3))
+
+
+def _dense_bytes(site: sites.Site) -> int:
+    return int(np.asarray(site.const.values).nbytes)
 
 
 def _plain_shift(site: sites.Site, clustered: sites.Clustered, grams) -> np.ndarray | None:

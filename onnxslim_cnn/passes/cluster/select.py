@@ -7,9 +7,10 @@ and output SQNR (refine.py). Three ways to choose:
   rate-distortion slope of ~6 dB per bit: a per-channel codebook must buy its bytes);
 - error budget (``min_sqnr_db``): each layer's cheapest candidate reaching the SQNR,
   else its best one;
-- size budget (``avg_bits``, codebooks included): start every layer at its cheapest
-  candidate, then repeatedly take the upgrade with the largest drop of network output
-  noise per added byte,
+- size budget (``avg_bits``, codebooks and the decode nodes of small tensors included;
+  a candidate not smaller than the dense tensor means staying float): start every layer
+  at its cheapest candidate, then repeatedly take the upgrade with the largest drop of
+  network output noise per added byte,
 
       gain = s_l (10^(-SQNR_now/10) - 10^(-SQNR_new/10)) / (bytes_new - bytes_now),
 
@@ -33,10 +34,13 @@ class Candidate:
     bytes: int
     sqnr_db: float
     clustering: object = field(default=None, compare=False, repr=False)  # if kept
+    dense: bool = False  # the encoding would not be smaller: the layer stays float
 
 
 def fixed(cands: list[Candidate], size: int) -> Candidate:
-    """Best rate-distortion score among candidates of one bit width."""
+    """Best rate-distortion score among candidates of one bit width (an encodable one
+    when there is one: staying float has no noise, which no score should reward here)."""
+    cands = [c for c in cands if not c.dense] or cands
     return max(cands, key=lambda c: c.sqnr_db - DB_PER_BIT * 8 * c.bytes / max(size, 1))
 
 

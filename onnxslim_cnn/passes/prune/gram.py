@@ -190,7 +190,34 @@ def collect_grams(model, layers: list[Layer], batches: list[dict],
             progress(f"pruning statistics: batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
-    return grams
+    return {layer.name: shrunk(grams[layer.name]) if layer.has_bias_slot else grams[layer.name]
+            for layer in layers}
+
+
+def shrunk(h: np.ndarray | None) -> np.ndarray | None:
+    """H with its centred part shrunk towards its diagonal by K / (K + n).
+
+    With n rows of K inputs the sample matrix has rank <= n (a 1x1 conv over 1152
+    channels on 7x7 maps sees ~3000 correlated rows from 64 images, a dense head one
+    row per image): masks and re-fits chosen on it exploit directions the calibration
+    images happen not to span and do worse on other images (the same Ledoit-Wolf-style
+    weight as cluster-weights' refine.Moments.fit_matrix). ``h`` has the ones row of a
+    bias slot last; its corner is n.
+    """
+    if h is None:
+        return h
+    n = np.maximum(h[:, -1, -1], 1.0)
+    size = h.shape[1] - 1
+    sums = h[:, :-1, -1]
+    mean_part = sums[:, :, None] * sums[:, None, :] / n[:, None, None]
+    cov = h[:, :-1, :-1] - mean_part
+    alpha = (size / (size + n))[:, None]
+    diag = np.einsum("gii->gi", cov)
+    out = h.copy()
+    out[:, :-1, :-1] = (1 - alpha[:, :, None]) * cov + mean_part
+    idx = np.arange(size)
+    out[:, idx, idx] += alpha * diag
+    return out
 
 
 def row_cap(batches: list[dict]) -> int:
