@@ -223,38 +223,40 @@ def test_auto_validation_failure_backs_off_worst_layer(monkeypatch):
     assert report.final["cosine"] >= 0.9
 
 
-def test_auto_top1_only_search_first_retreats_to_the_cosine_floor_choice():
+def test_auto_top1_only_search_steps_back_along_its_path_then_to_the_cosine_floor():
     """Judged by top-1 alone (a stated --max-top1-drop; here one no flip can exceed), the
-    search takes the cheapest mix; when validation keeps refusing it and the layer steps
-    are spent, the next back-off lands exactly where the same search stops with the
-    cosine floor back."""
-    from onnxslim_cnn.auto import LAYER_STEPS, AutoCompress
+    search takes the cheapest mix; while validation keeps refusing, back-off s moves
+    2^(s-1) states back along the allocation path, then lands exactly where the same
+    search stops with the cosine floor back, and layer steps go on from there."""
+    from onnxslim_cnn.auto import AutoCompress, allocate
     from onnxslim_cnn.manager import export_graph, import_graph
 
     m = model()
     batches = calib(m, 12)
     labels = np.random.default_rng(0).integers(0, 10, 24)
-    options = {"auto_candidates": ("int8", "c2")}
+    options = {"auto_candidates": ("int8", "c4", "c2")}
+    top1_only = Budget(max_top1_drop=100.0, min_cosine=0.999, top1_replaces_cosine=True)
+    floored = Budget(max_top1_drop=100.0, min_cosine=0.999)
 
-    def chosen(budget, retreat):
+    def start(budget):
         graph = import_graph(m)
         p = AutoCompress(options)
         p.run(graph, PassContext(calib=batches, calib_labels=labels, budget=budget))
-        if retreat:
-            p._steps = LAYER_STEPS  # the layer steps are spent
-            assert p.back_off(graph) is not None
-        return model_io.model_bytes(export_graph(graph, m))
+        return graph, p
 
-    top1_only = Budget(max_top1_drop=100.0, min_cosine=0.999, top1_replaces_cosine=True)
-    floored = Budget(max_top1_drop=100.0, min_cosine=0.999)
-    cheapest, retreated = chosen(top1_only, False), chosen(top1_only, True)
-    assert cheapest < retreated == chosen(floored, False)
-
-    # after the retreat, the layer steps go on from the cosine-floor choice
-    graph = import_graph(m)
-    p = AutoCompress(options)
-    p.run(graph, PassContext(calib=batches, calib_labels=labels, budget=top1_only))
-    p._steps = LAYER_STEPS
-    assert p.back_off(graph) is not None
-    assert p.back_off(graph) is not None
-    assert model_io.model_bytes(export_graph(graph, m)) > retreated
+    _, plain = start(floored)
+    floor_state = plain._last[3]
+    graph, p = start(top1_only)
+    path = allocate.greedy_path(p._last[0])
+    at, floor = path.index(p._last[3]), path.index(floor_state)
+    assert at == len(path) - 1 and floor < at - 1  # the cheapest mix, far past the floor
+    sizes, steps = [model_io.model_bytes(export_graph(graph, m))], 0
+    while p._path is not None:
+        steps += 1
+        assert p.back_off(graph) is not None
+        sizes.append(model_io.model_bytes(export_graph(graph, m)))
+        expect = at - (1 << steps) + 1
+        assert p._last[3] == (path[expect] if expect > floor else floor_state)
+    assert sizes == sorted(sizes) and steps >= 2
+    assert p.back_off(graph) is not None  # a layer step from the cosine-floor choice
+    assert model_io.model_bytes(export_graph(graph, m)) > sizes[-1]

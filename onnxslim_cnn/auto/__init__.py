@@ -60,7 +60,6 @@ class AutoOptions:
     target_size: int | None = None
 
 
-LAYER_STEPS = 8  # layer back-offs before a top-1-only search retreats to the cosine floor
 
 
 def _top1_only(judge: search.Judge) -> bool:
@@ -84,6 +83,9 @@ class AutoCompress(Pass):
         self.explored: list[dict] = []
         self._last = None  # (fronts, measured options, judge, chosen state) of run()
         self._steps = 0  # back-offs since run()
+        self._path: list | None = None  # greedy path of a top-1-only search, and the
+        self._at = 0  # index of its choice on it (path back-off, _path_step)
+        self._floor = None  # (judge with the cosine floor, index of its choice on the path)
 
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
@@ -118,6 +120,9 @@ class AutoCompress(Pass):
         self.explored = [_predicted(fronts, s, judge) for s in path] + judge.explored
         self._last = (fronts, every, judge, state)
         self._steps = 0
+        top1 = _top1_only(judge) and target is None and state in path
+        self._path, self._at = (path, path.index(state)) if top1 else (None, 0)
+        self._floor = None
         self._describe(result, fronts, every, state, judge)
         if result.changed:
             _replace(graph, judge.model(state))
@@ -125,19 +130,19 @@ class AutoCompress(Pass):
 
     def back_off(self, graph: gs.Graph) -> PassResult | None:
         """After the manager's validation failed: make ``graph`` the last result with
-        its worst layer (largest measured error) one setting safer; None when every
+        its worst layer (largest measured error) one setting safer (a search judged by
+        top-1 alone first steps back along its path, ``_path_step``); None when every
         layer is float already or ``run`` has not run."""
         if self._last is None:
             return None
         fronts, every, judge, state = self._last
         self._steps += 1
-        layer_step = self._steps <= LAYER_STEPS or not _top1_only(judge)
-        safer = allocate.back_off(fronts, state) if layer_step else None
+        if self._path is not None:
+            judge, safer = self._path_step(judge, fronts, state)
+        else:
+            safer = allocate.back_off(fronts, state)
         if safer is None or not any(safer.values()):
-            floored = self._cosine_retreat(judge, fronts, state)
-            if floored is None:
-                return None
-            judge, safer = floored
+            return None
         state = safer
         self._last = (fronts, every, judge, state)
         result = PassResult(changed=True)
@@ -145,22 +150,28 @@ class AutoCompress(Pass):
         _replace(graph, judge.model(state))
         return result
 
-    def _cosine_retreat(self, judge: search.Judge, fronts, state) -> tuple | None:
-        """A search judged by top-1 alone (``Budget.top1_replaces_cosine``) sees a few
-        dozen held-out samples, where one flip is several points: it can overshoot far
-        (EfficientNet-Lite0: 13 points on validation, beyond 8 layer steps). When the
-        layer steps run out, it retreats to the state the same search picks with the
-        cosine floor back, a far smoother signal on few samples (the remaining layer
-        steps go on from there); None when that floor was in force already or changes
-        nothing."""
-        if self.options.target_size is not None or not _top1_only(judge):
-            return None
-        floored = dataclasses.replace(
-            judge, budget=dataclasses.replace(judge.budget, top1_replaces_cosine=False),
-            explored=[])
-        safer = search.by_budget(floored, allocate.greedy_path(fronts))
-        judge.explored.extend(floored.explored)
-        return None if safer == state else (floored, safer)
+    def _path_step(self, judge: search.Judge, fronts, state) -> tuple:
+        """(judge, safer state) for a search judged by top-1 alone.
+
+        Such a search (``Budget.top1_replaces_cosine``) sees a few dozen held-out
+        samples, where one flip is several points, so it can overshoot far (ResNet-8:
+        its cheapest mix, 11.5 points on validation; EfficientNet-Lite0: 13). Single
+        layer steps walk back too slowly, so back-off s goes 2^(s-1) states back along
+        the allocation's own path (largest error per byte saved undone first); once
+        that passes the state the same search picks with the cosine floor back (a far
+        smoother signal on few samples), it retreats there and layer steps go on."""
+        if self._floor is None:
+            floored = dataclasses.replace(
+                judge, budget=dataclasses.replace(judge.budget, top1_replaces_cosine=False),
+                explored=[])
+            self._floor = (floored, self._path.index(search.by_budget(floored, self._path)))
+            judge.explored.extend(floored.explored)
+        floored, floor = self._floor
+        self._at -= 1 << (self._steps - 1)
+        if self._at > floor:
+            return judge, self._path[self._at]
+        retreat, self._path = self._path[floor], None  # layer steps from here on
+        return floored, retreat if retreat != state else allocate.back_off(fronts, state)
 
     def _patches(self, base: onnx.ModelProto, ctx: PassContext) -> dict[str, list]:
         by_layer: dict[str, list] = {}
