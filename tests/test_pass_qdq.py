@@ -86,6 +86,48 @@ def test_qdq_float16_model_runs_int8_inside_and_keeps_float16_io(tmp_path):
     assert cosine(ref, got) > 0.999  # same bound as the float32 model
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, granularity):
+    """cluster-weights then qdq-int8: the codebook becomes int8 (per tensor: one scale
+    for the shared entries; per channel: one per row), the packed 4-bit indices stay, and
+    onnxruntime folds Gather and fuses the DQ into QLinearConv/QGemm."""
+    from onnxslim_cnn.passes.cluster import ClusterWeights
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[N, 16, 8, 8] x) => (float[N, 64] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        p = GlobalAveragePool (r)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, w2, b2)
+    }
+    """
+    init = {"w1": rand((32, 16, 3, 3), 0, 0.2), "b1": rand((32,), 1, 0.1),
+            "w2": rand((64, 32), 2, 0.3), "b2": rand((64,), 3, 0.1)}
+    model = make_model(text, init)
+    ctx = PassContext(calib=calib((4, 16, 8, 8)))
+    clustered, cres = apply_pass(ClusterWeights, model,
+                                 {"bits": 4, "granularity": granularity}, ctx)
+    assert cres.stats["layers_clustered"] == 2
+    out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
+    coded = [r for r in result.layers if "weight_codebook" in r]
+    assert len(coded) == 2 and {r["weight_codebook"] for r in coded} == {
+        f"int8 per {granularity}"}
+    weights = 32 * 16 * 9 + 64 * 32
+    int8 = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8)
+    packed = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
+                 if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
+    assert int8 < weights / 4 and packed == weights // 2  # codebooks only; indices 4-bit
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1
+    assert not {"Conv", "Gather", "BitShift", "DequantizeLinear"} & set(ops), ops
+    feed = {"x": rand((8, 16, 8, 8), 999)}  # not calibration data
+    ref, got = run(clustered, feed)["y"], run(out, feed, optimization="all")["y"]
+    assert cosine(ref, got) > 0.999  # the same bound as int8 of a float model
+
+
 # MobileNetV3-style block: 1x1 expand -> HardSwish -> depthwise -> HardSwish ->
 # squeeze-excite (GAP -> Conv -> Relu -> Conv -> HardSigmoid -> Mul) -> 1x1 project
 # -> Swish (x * Sigmoid(x)) -> residual Add

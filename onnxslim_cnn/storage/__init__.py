@@ -70,7 +70,13 @@ Sparse (``encode_sparse``), min opset 11 (CumSum):
 from __future__ import annotations
 
 from .bits import PLANES, pack_bits, unpack_bits
-from .codebook import codebook_values, encode_codebook
+from .codebook import (
+    CodebookDecode,
+    codebook_values,
+    decoded_value,
+    encode_codebook,
+    find_codebook,
+)
 from .core import (
     DECODE_TAG,
     INT4_TYPES,
@@ -84,6 +90,7 @@ from .integer import dequantize, encode_int, encode_int_values, int_values, quan
 from .sparse import best_sparse, encode_sparse, mark_sparse_initializer, to_sparse_initializers
 
 __all__ = [
+    "CodebookDecode",
     "DECODE_TAG",
     "Encoded",
     "INT4_TYPES",
@@ -92,11 +99,13 @@ __all__ = [
     "ValuesEncoder",
     "best_sparse",
     "codebook_values",
+    "decoded_value",
     "dequantize",
     "encode_codebook",
     "encode_int",
     "encode_int_values",
     "encode_sparse",
+    "find_codebook",
     "int_values",
     "mark_sparse_initializer",
     "pack_bits",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UsageError
 from .bits import PLANES, _unpack
-from .core import Encoded, ValuesEncoder, _Builder, _check_bits, _require_opset
+from .core import DECODE_TAG, Encoded, ValuesEncoder, _Builder, _check_bits, _require_opset
 
 
 def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: np.ndarray,
@@ -86,3 +88,58 @@ def codebook_values(codebook: np.ndarray, bits: int) -> ValuesEncoder:
         return encode_codebook(graph, name, order[pos], codebook, bits, taken=taken)
 
     return encode
+
+
+@dataclass
+class CodebookDecode:
+    """The end of an ``encode_codebook`` decode: ``gather`` = Gather(table, index).
+
+    Attributes:
+        table: the float32 codebook constant, [k] or a per-channel [C, k] flattened.
+        channels: C for a per-channel codebook, else None.
+    """
+
+    gather: gs.Node
+    table: gs.Constant
+    channels: int | None
+
+
+def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
+    """The float32 codebook decode that writes ``tensor`` (read by nothing else), if one
+    of ``encode_codebook``'s does (recognised by ``DECODE_TAG`` in the node names)."""
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 \
+            or len(tensor.outputs) != 1:
+        return None
+    gather = tensor.inputs[0]
+    if gather.op != "Gather" or DECODE_TAG not in (gather.name or ""):
+        return None
+    table, index = gather.inputs
+    if not isinstance(table, gs.Constant) or np.asarray(table.values).dtype != np.float32 \
+            or len(table.outputs) != 1:
+        return None
+    offset = index.inputs[0] if isinstance(index, gs.Variable) and index.inputs else None
+    channels = None
+    if offset is not None and offset.op == "Add" and isinstance(offset.inputs[1], gs.Constant):
+        channels = int(np.asarray(offset.inputs[1].values).size)
+    return CodebookDecode(gather, table, channels)
+
+
+def decoded_value(tensor: gs.Variable, opset: int) -> np.ndarray:
+    """The value of ``tensor``, computed only from constants (a decode subgraph), by
+    running its producers in onnxruntime."""
+    import onnxruntime as ort
+
+    nodes, seen, todo = [], set(), [tensor]
+    while todo:
+        t = todo.pop()
+        for node in t.inputs:
+            if id(node) not in seen:
+                seen.add(id(node))
+                nodes.append(node)
+                todo.extend(i for i in node.inputs if isinstance(i, gs.Variable))
+    graph = gs.Graph(nodes=nodes, outputs=[tensor], opset=opset)
+    graph.toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {})[0]

@@ -174,8 +174,9 @@ class QdqInt8(Pass):
             outputs = [s.node.outputs[0].name for s in plan.biases]
             facts["reference"] = bias_correct.reference_means(graph, outputs, ctx.calib)
         if self.options.weight_rounding == "gptq":
-            sites = [s for s in plan.weights if gptq.supported(s)]
-            facts["hess"] = gptq.hessians(float_model, sites, ctx.calib, ctx.seed)
+            sites = [s for s in plan.weights if s.codebook is None and gptq.supported(s)]
+            if sites:
+                facts["hess"] = gptq.hessians(float_model, sites, ctx.calib, ctx.seed)
         return facts
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, skip: set[str],
@@ -185,8 +186,11 @@ class QdqInt8(Pass):
         if not result.changed:
             return result
         stats, hess = facts["stats"], facts["hess"]
-        params = self._params(plan, stats, hess)
-        mat = self._materialize(graph, plan, stats, params, result, hess)
+        dense = {id(s.node): const_value(s.node.inputs[s.index]) if s.codebook is None else
+                 storage.decoded_value(s.node.inputs[s.index], graph.opset)
+                 for s in plan.weights}
+        params = self._params(plan, stats, hess, dense)
+        mat = self._materialize(graph, plan, stats, params, result, hess, dense)
         if self.options.bias_correction == "empirical":
             shift = bias_correct.correct(graph, mat.biases, facts["reference"], ctx.calib,
                                          ctx.progress)
@@ -261,7 +265,8 @@ class QdqInt8(Pass):
         hist = reads if self.options.calib_method != "minmax" else []
         return calibrate.collect(model, reads, ctx.calib, hist, ctx.progress)
 
-    def _params(self, plan: Plan, stats, hess: dict) -> dict[str, insert.QParams]:
+    def _params(self, plan: Plan, stats, hess: dict, dense: dict
+                ) -> dict[str, insert.QParams]:
         opts = self.options
         # A tail tensor is averaged by the pool that reads it: rounding noise averages
         # away, clipping bias does not, so it keeps its whole range.
@@ -279,15 +284,15 @@ class QdqInt8(Pass):
             return {n: insert.QParams(*calibrate.int8_params(*r)) for n, r in ranges.items()}
         counts = {n: 255 for n in ranges}
         if opts.reduce_range == "auto" and opts.activation_levels == "auto" and hess:
-            dense = {id(s.node): const_value(s.node.inputs[s.index]) for s in plan.weights}
             counts = levels.choose(plan, ranges, stats, hess, dense)
         return {n: insert.QParams(*levels.uint8_params(*r, counts[n]), counts[n])
                 for n, r in ranges.items()}
 
     def _materialize(self, graph, plan: Plan, stats, params, result: PassResult,
-                     hess: dict) -> insert.Materializer:
+                     hess: dict, dense: dict) -> insert.Materializer:
+        """Q/DQ, int8 weights and int32 biases of ``plan``; ``dense``: each weight's
+        float value (a codebook's decoded)."""
         mat = insert.Materializer(graph, taken_names(graph))
-        dense = {id(s.node): const_value(s.node.inputs[s.index]) for s in plan.weights}
         act_of = {id(s.node): s.node.inputs[0].name for s in plan.weights}
         quants = {}
         for site in plan.weights:
@@ -311,6 +316,8 @@ class QdqInt8(Pass):
         base = 63 if self.options.reduce_range == "on" else 127
         avoid = self.options.reduce_range == "auto" and self.options.activation_type == "uint8"
         qmax = insert.weight_qmax(site, w, act, stats, base, avoid)
+        if site.codebook is not None:
+            return insert.quantize_codebook(site, w, qmax, act, stats, avoid)
         nearest = insert.quantize_weight(w, site.axis, qmax)
         if hess is None:
             return nearest
@@ -328,8 +335,12 @@ class QdqInt8(Pass):
 def _layer_record(site, wq: insert.WeightQuant, act: insert.QParams | None) -> dict:
     reduced = int(np.sum(wq.qmax < 127))
     output = site.node.outputs[0].name
-    return {"layer": site.node.name or output, "op": site.node.op, "output": output,
-            "weight_bits": 8,
-            "channels": int(wq.qmax.size), "channels_reduced_range": reduced,
-            "min_qmax": int(wq.qmax.min()),
-            "input_levels": None if act is None else act.levels}
+    record = {"layer": site.node.name or output, "op": site.node.op, "output": output,
+              "weight_bits": 8,
+              "channels": int(wq.qmax.size), "channels_reduced_range": reduced,
+              "min_qmax": int(wq.qmax.min()),
+              "input_levels": None if act is None else act.levels}
+    if site.codebook is not None:  # cluster-weights' packed indices kept, codebook int8
+        record["weight_codebook"] = "int8 per channel" if site.codebook.channels else \
+            "int8 per tensor"
+    return record

@@ -69,6 +69,35 @@ def weight_quant_from(w: np.ndarray, axis: int, q_rows: np.ndarray, scale: np.nd
                        dequant=np.moveaxis(deq, 0, axis))
 
 
+def quantize_codebook(site: WeightSite, w: np.ndarray, qmax: np.ndarray, act: QParams | None,
+                      stats: TensorStats | None, avoid_saturation: bool) -> WeightQuant:
+    """Int8 grid of a cluster-weights codebook: its entries are rounded, its packed
+    indices kept (so the weight stays a few bits per value in the file).
+
+    A per-channel codebook gets per-channel scales as ``quantize_weight``; a per-tensor
+    one, shared by all channels, one scale s = max|codebook| / min_n q_n so its int8
+    entries fit every channel's bound. Where the AVX2 pair sums could still saturate
+    the bound is lowered further. ``Materializer.weight`` writes the int8 codebook.
+    """
+    table = np.asarray(site.codebook.table.values, np.float64)
+    channels = w.shape[site.axis]
+    rows = np.moveaxis(w.astype(np.float64), site.axis, 0).reshape(channels, -1)
+    qmax = np.asarray(qmax, np.int64).copy()
+    while True:
+        if site.codebook.channels is None:
+            qmax[:] = qmax.min()
+            absmax = np.full(channels, np.abs(table).max())
+        else:
+            absmax = np.abs(table.reshape(channels, -1)).max(axis=1)
+        scale = np.where(absmax > 0, absmax / qmax, 1.0)
+        q = np.clip(np.round(rows / scale[:, None]), -qmax[:, None], qmax[:, None])
+        wq = weight_quant_from(w, site.axis, q, scale, qmax)
+        bad = saturating_rows(site, wq, act, stats) if avoid_saturation else None
+        if bad is None or not bad.any() or qmax.min() <= 1:
+            return wq
+        qmax[bad] -= 1
+
+
 def saturating_rows(site: WeightSite, wq: WeightQuant, act: QParams | None,
                     stats: TensorStats | None) -> np.ndarray:
     """Output channels whose integer weights could saturate the AVX2 pair sums."""
@@ -111,6 +140,9 @@ class Materializer:
             node.inputs[index] = dq
 
     def weight(self, site: WeightSite, wq: WeightQuant) -> None:
+        if site.codebook is not None:
+            self._codebook(site, wq)
+            return
         source = site.node.inputs[site.index]
         name = source.name
         q = self._const(f"{name}_q", wq.q)
@@ -118,6 +150,26 @@ class Materializer:
         zero = self._const(f"{name}_z", np.zeros(wq.scale.shape, np.int8))
         dq = self._node("DequantizeLinear", f"{name}_dq", [q, scale, zero], np.float32,
                         {"axis": site.axis})
+        site.node.inputs[site.index] = dq
+
+    def _codebook(self, site: WeightSite, wq: WeightQuant) -> None:
+        """Gather(codebook_f32, idx) -> W  becomes  DQ(Gather(codebook_i8, idx), s) -> W:
+        onnxruntime folds the Gather at load and fuses the DQ into its int8 kernel."""
+        found = site.codebook
+        table = np.asarray(found.table.values, np.float64)
+        per_channel = found.channels is not None
+        scale = wq.scale if per_channel else wq.scale[:1].reshape(())
+        rows = table.reshape(found.channels, -1) if per_channel else table[None]
+        step = scale.reshape(-1, 1).astype(np.float64)
+        q = np.clip(np.round(rows / step), -127, 127).astype(np.int8).reshape(table.shape)
+        found.gather.inputs[0] = self._const(f"{found.table.name}_q", q)
+        decoded = found.gather.outputs[0]
+        decoded.dtype = np.int8
+        zero = np.zeros(np.shape(scale), np.int8)
+        dq = self._node("DequantizeLinear", f"{decoded.name}_dq",
+                        [decoded, self._const(f"{decoded.name}_s", scale),
+                         self._const(f"{decoded.name}_z", zero)], np.float32,
+                        {"axis": site.axis} if per_channel else None)
         site.node.inputs[site.index] = dq
 
     def bias(self, site: BiasSite, bias: np.ndarray, act: QParams, wq: WeightQuant) -> None:

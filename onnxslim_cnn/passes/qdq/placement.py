@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ... import storage
 from ..base import const_value
 
 # Ops whose output has exactly the values of (a subset of) their input: same params.
@@ -34,10 +35,14 @@ UNARY = {"Sigmoid", "HardSigmoid", "LeakyRelu", "HardSwish"}
 
 @dataclass
 class WeightSite:
+    """A constant weight to store as int8, or (``codebook``) a float codebook decode of
+    cluster-weights whose codebook becomes int8 (storage.find_codebook)."""
+
     node: gs.Node
     index: int
     axis: int
     depthwise: bool = False
+    codebook: storage.CodebookDecode | None = None
 
 
 @dataclass
@@ -120,15 +125,28 @@ def _activation_ok(tensor: gs.Tensor) -> bool:
         return False
 
 
+def _weight(tensor: gs.Tensor, weights_only: bool):
+    """(shape, codebook decode or None) of a Conv/Gemm weight we can store as int8, or
+    None: a constant, or (static int8 only) a cluster-weights codebook decode."""
+    w = const_value(tensor)
+    if w is not None:
+        return w.shape, None
+    found = None if weights_only else storage.find_codebook(tensor)
+    if found is None or tensor.shape is None:
+        return None
+    return tuple(tensor.shape), found
+
+
 def _conv(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
-    weight = node.inputs[1]
-    w = const_value(weight)
-    if w is None:
+    weight = _weight(node.inputs[1], weights_only)
+    if weight is None:
         return "Conv weight is not constant"
     if not weights_only and not _activation_ok(node.inputs[0]):
         return "Conv input is not float32"
     group = int(node.attrs.get("group", 1))
-    site = WeightSite(node, 1, axis=0, depthwise=group > 1 and w.shape[1] == 1)
+    shape, codebook = weight
+    site = WeightSite(node, 1, axis=0, depthwise=group > 1 and shape[1] == 1,
+                      codebook=codebook)
     plan.weights.append(site)
     if weights_only:
         return None
@@ -140,14 +158,14 @@ def _conv(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
 
 
 def _gemm(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
-    w = const_value(node.inputs[1])
-    if w is None or w.ndim != 2:
+    weight = _weight(node.inputs[1], weights_only)
+    if weight is None or len(weight[0]) != 2:
         return f"{node.op} weight is not a constant matrix"
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or
                               float(node.attrs.get("alpha", 1.0)) != 1.0):
         return "Gemm with transA or alpha != 1"
     axis = 0 if node.op == "Gemm" and node.attrs.get("transB", 0) else 1
-    site = WeightSite(node, 1, axis=axis)
+    site = WeightSite(node, 1, axis=axis, codebook=weight[1])
     plan.weights.append(site)
     if weights_only:
         return None
