@@ -85,14 +85,18 @@ class Moments:
         supports; the diagonal still weighs each input by its power.
         """
         s = self.cov() if centred else self.gram
-        if not self.count:
-            return s
-        size = s.shape[1]
-        alpha = size / (size + self.count)
-        diag = np.einsum("gii->gi", s)
-        out = (1 - alpha) * s
-        out[:, np.arange(size), np.arange(size)] += alpha * diag
-        return out
+        return shrink(s, self.count) if self.count else s
+
+
+def shrink(s: np.ndarray, count) -> np.ndarray:
+    """[g, P, P] second moments from ``count`` (scalar or [g]) rows each, shrunk towards
+    their diagonals by alpha = P / (P + count) (Moments.fit_matrix)."""
+    size = s.shape[1]
+    alpha = size / (size + np.broadcast_to(np.asarray(count, np.float64), s.shape[:1]))
+    out = (1 - alpha)[:, None, None] * s
+    idx = np.arange(size)
+    out[:, idx, idx] += alpha[:, None] * np.einsum("gii->gi", s)
+    return out
 
 
 def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]],

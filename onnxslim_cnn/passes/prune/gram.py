@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ... import validate
 from ..base import const_value
+from ..cluster import refine
 from ..qdq.calibrate import with_outputs
 
 RIDGE = 1e-3
@@ -200,23 +201,16 @@ def shrunk(h: np.ndarray | None) -> np.ndarray | None:
     With n rows of K inputs the sample matrix has rank <= n (a 1x1 conv over 1152
     channels on 7x7 maps sees ~3000 correlated rows from 64 images, a dense head one
     row per image): masks and re-fits chosen on it exploit directions the calibration
-    images happen not to span and do worse on other images (the same Ledoit-Wolf-style
-    weight as cluster-weights' refine.Moments.fit_matrix). ``h`` has the ones row of a
-    bias slot last; its corner is n.
+    images happen not to span and do worse on other images (cluster-weights' refine.
+    shrink). ``h`` has the ones row of a bias slot last; its corner is n.
     """
     if h is None:
         return h
     n = np.maximum(h[:, -1, -1], 1.0)
-    size = h.shape[1] - 1
     sums = h[:, :-1, -1]
     mean_part = sums[:, :, None] * sums[:, None, :] / n[:, None, None]
-    cov = h[:, :-1, :-1] - mean_part
-    alpha = (size / (size + n))[:, None]
-    diag = np.einsum("gii->gi", cov)
     out = h.copy()
-    out[:, :-1, :-1] = (1 - alpha[:, :, None]) * cov + mean_part
-    idx = np.arange(size)
-    out[:, idx, idx] += alpha * diag
+    out[:, :-1, :-1] = refine.shrink(h[:, :-1, :-1] - mean_part, n) + mean_part
     return out
 
 
