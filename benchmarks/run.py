@@ -72,6 +72,9 @@ TOOLS: dict[str, Tool] = {
     # Mixed precision: bits per layer from measured sensitivity, 4 bits on average.
     "ours-cluster-avg4": ours(f"fold-bn,cluster-weights,{NAMES}", "--avg-bits", "4",
                               *OPEN_BUDGET),
+    # The same codebooks in the int8 domain under static int8: int8 kernels, packed indices.
+    "ours-cluster-avg4-int8": ours(f"fold-bn,equalize,cluster-weights,qdq-int8,remove-dead,"
+                                   f"{NAMES}", "--avg-bits", "4", *OPEN_BUDGET),
     "ort-static-minmax": peer("ort-static", "--method", "minmax"),
     "ort-static-percentile": peer("ort-static", "--method", "percentile"),
     "ort-static-entropy": peer("ort-static", "--method", "entropy"),
