@@ -86,8 +86,9 @@ def test_qdq_float16_model_runs_int8_inside_and_keeps_float16_io(tmp_path):
     assert cosine(ref, got) > 0.999  # same bound as the float32 model
 
 
-@pytest.mark.parametrize("granularity", ["tensor", "channel"])
-def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, granularity):
+@pytest.mark.parametrize(("granularity", "bits"), [("tensor", 5), ("channel", 4)])
+def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, granularity,
+                                                                       bits):
     """cluster-weights then qdq-int8: the codebook becomes int8 (per tensor: one scale
     for the shared entries; per channel: one per row), the packed 4-bit indices stay, and
     onnxruntime folds Gather and fuses the DQ into QLinearConv/QGemm."""
@@ -108,7 +109,7 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
     model = make_model(text, init)
     ctx = PassContext(calib=calib((4, 16, 8, 8)))
     clustered, cres = apply_pass(ClusterWeights, model,
-                                 {"bits": 4, "granularity": granularity}, ctx)
+                                 {"bits": bits, "granularity": granularity}, ctx)
     assert cres.stats["layers_clustered"] == 2
     out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
     coded = [r for r in result.layers if "weight_codebook" in r]
@@ -119,10 +120,12 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
                if t.data_type == onnx.TensorProto.INT8)
     packed = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
                  if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
-    assert int8 < weights / 4 and packed == weights // 2  # codebooks only; indices 4-bit
+    # codebooks only; indices packed (5 bits: a 4-bit and a 1-bit plane, added as uint8)
+    assert int8 < weights / 4 and packed == weights * bits // 8
     ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1
     assert not {"Conv", "Gather", "BitShift", "DequantizeLinear"} & set(ops), ops
+    assert ops["QuantizeLinear"] == 1  # the graph input's only: no decode tensor quantized
     feed = {"x": rand((8, 16, 8, 8), 999)}  # not calibration data
     ref, got = run(clustered, feed)["y"], run(out, feed, optimization="all")["y"]
     assert cosine(ref, got) > 0.999  # the same bound as int8 of a float model

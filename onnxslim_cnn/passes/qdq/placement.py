@@ -95,6 +95,8 @@ def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False,
     plan = Plan()
     tensors = graph.tensors()
     for node in graph.nodes:
+        if storage.DECODE_TAG in (node.name or ""):  # integer weight decode, folded at load
+            continue
         if (node.name and node.name in skip) or (node.outputs and node.outputs[0].name in skip):
             plan.kept.append(node)
             continue
