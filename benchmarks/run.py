@@ -212,25 +212,32 @@ def merge(runs: list[dict]) -> dict:
 
     Rows share a table only when measured under the same conditions (machine, data,
     calibration and validation counts): a later run under other conditions replaces the
-    model's whole table. Each model records the runs its rows come from (``runs``)."""
+    model's whole table. Each model records the runs its rows come from (``runs``). A
+    merged result among the inputs counts as the runs it lists."""
+    metas, entries = [], []  # every run's meta; (model, indices of its runs in metas)
+    for run in runs:
+        listed = run["meta"].get("runs") or [{}]
+        base = len(metas)
+        metas.extend(dict(run["meta"], **sub) for sub in listed)
+        entries.extend((model, [base + i for i in model.get("runs", [0])])
+                       for model in run["models"])
     models: dict[str, dict] = {}
-    for index, run in enumerate(runs):
-        for model in run["models"]:
-            kept = models.get(model["name"])
-            if kept is None or _conditions(kept, runs) != _conditions(dict(model, runs=[index]),
-                                                                       runs):
-                kept = models[model["name"]] = dict(model, rows=[], runs=[])
-            kept["runs"] = sorted(set(kept["runs"]) | {index})
-            tools = {r["tool"]: i for i, r in enumerate(kept["rows"])}
-            for row in model["rows"]:
-                if row["tool"] in tools:
-                    kept["rows"][tools[row["tool"]]] = row
-                else:
-                    kept["rows"].append(row)
+    for model, source in entries:
+        kept = models.get(model["name"])
+        if kept is None or _conditions(kept, metas) != _conditions(dict(model, runs=source),
+                                                                   metas):
+            kept = models[model["name"]] = dict(model, rows=[], runs=[])
+        kept["runs"] = sorted(set(kept["runs"]) | set(source))
+        tools = {r["tool"]: i for i, r in enumerate(kept["rows"])}
+        for row in model["rows"]:
+            if row["tool"] in tools:
+                kept["rows"][tools[row["tool"]]] = row
+            else:
+                kept["rows"].append(row)
     used = sorted({i for m in models.values() for i in m["runs"]})
-    meta = dict(runs[used[-1]]["meta"]) if used else dict(runs[0]["meta"])
-    meta["command"] = " ; ".join(dict.fromkeys(runs[i]["meta"]["command"] for i in used))
-    meta["runs"] = [{k: runs[i]["meta"].get(k) for k in ("command", "date", "machine")}
+    meta = dict(metas[used[-1]]) if used else dict(metas[0])
+    meta["command"] = " ; ".join(dict.fromkeys(metas[i]["command"] for i in used))
+    meta["runs"] = [{k: metas[i].get(k) for k in ("command", "date", "machine")}
                     for i in used]
     renumber = {old: new for new, old in enumerate(used)}
     for model in models.values():
@@ -238,8 +245,8 @@ def merge(runs: list[dict]) -> dict:
     return {"meta": meta, "models": list(models.values())}
 
 
-def _conditions(model: dict, runs: list[dict]) -> tuple:
-    machine = runs[model["runs"][-1]]["meta"].get("machine") or {}
+def _conditions(model: dict, metas: list[dict]) -> tuple:
+    machine = metas[model["runs"][-1]].get("machine") or {}
     return (machine.get("cpu"), tuple(machine.get("vnni") or ()), model.get("data"),
             model.get("calib_count"), model.get("val_count"), model.get("gate_count"))
 

@@ -192,6 +192,12 @@ def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
     assert [r["command"] for r in merged["meta"]["runs"]] == ["A", "B", "C"]
     same = merge([run("A", [], 300, ["fp32"]), run("B", [], 400, ["nncf"])])
     assert [r["tool"] for r in same["models"][0]["rows"]] == ["nncf"]  # other image count
+    # a merged result merged again still lists (and its tables still name) its own runs
+    again = merge([merged, run("D", ["avx512_vnni"], 300, ["nncf"])])
+    assert [r["command"] for r in again["meta"]["runs"]] == ["A", "B", "C", "D"]
+    tables = {m["name"]: m for m in again["models"]}
+    assert tables["m"]["runs"] == [2, 3] and tables["nB"]["runs"] == [1]
+    assert [r["tool"] for r in tables["m"]["rows"]] == ["fp32", "ours-int8", "nncf"]
 
 
 def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
