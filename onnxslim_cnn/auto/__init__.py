@@ -60,8 +60,6 @@ class AutoOptions:
     target_size: int | None = None
 
 
-
-
 def _top1_only(judge: search.Judge) -> bool:
     """Whether ``judge`` decides by top-1 alone (no cosine floor in force)."""
     return judge.labels is not None and judge.budget.top1_replaces_cosine

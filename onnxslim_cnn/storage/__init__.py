@@ -73,7 +73,7 @@ from .bits import PLANES, pack_bits, unpack_bits
 from .codebook import (
     CodebookDecode,
     codebook_values,
-    decoded_value,
+    decoded_values,
     encode_codebook,
     find_codebook,
 )
@@ -99,7 +99,7 @@ __all__ = [
     "ValuesEncoder",
     "best_sparse",
     "codebook_values",
-    "decoded_value",
+    "decoded_values",
     "dequantize",
     "encode_codebook",
     "encode_int",

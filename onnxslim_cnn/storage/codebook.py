@@ -124,12 +124,14 @@ def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
     return CodebookDecode(gather, table, channels)
 
 
-def decoded_value(tensor: gs.Variable, opset: int) -> np.ndarray:
-    """The value of ``tensor``, computed only from constants (a decode subgraph), by
-    running its producers in onnxruntime."""
-    import onnxruntime as ort
+def decoded_values(tensors: list[gs.Variable], opset: int) -> list[np.ndarray]:
+    """The values of ``tensors``, each computed only from constants (decode subgraphs),
+    in one onnxruntime session over their producers."""
+    from .. import validate
 
-    nodes, seen, todo = [], set(), [tensor]
+    if not tensors:
+        return []
+    nodes, seen, todo = [], set(), list(tensors)
     while todo:
         t = todo.pop()
         for node in t.inputs:
@@ -137,9 +139,11 @@ def decoded_value(tensor: gs.Variable, opset: int) -> np.ndarray:
                 seen.add(id(node))
                 nodes.append(node)
                 todo.extend(i for i in node.inputs if isinstance(i, gs.Variable))
-    graph = gs.Graph(nodes=nodes, outputs=[tensor], opset=opset)
+    graph = gs.Graph(nodes=nodes, outputs=list(tensors), opset=opset)
     graph.toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {})[0]
+    runner = validate.Runner(gs.export_onnx(graph, do_type_check=False), "disable")
+    try:
+        values = runner.run_batch({})
+    finally:
+        runner.close()
+    return [values[t.name] for t in tensors]

@@ -186,9 +186,11 @@ class QdqInt8(Pass):
         if not result.changed:
             return result
         stats, hess = facts["stats"], facts["hess"]
-        dense = {id(s.node): const_value(s.node.inputs[s.index]) if s.codebook is None else
-                 storage.decoded_value(s.node.inputs[s.index], graph.opset)
-                 for s in plan.weights}
+        coded = [s for s in plan.weights if s.codebook is not None]
+        dense = {id(s.node): const_value(s.node.inputs[s.index]) for s in plan.weights
+                 if s.codebook is None}
+        dense.update(zip((id(s.node) for s in coded), storage.decoded_values(
+            [s.node.inputs[s.index] for s in coded], graph.opset), strict=True))
         params = self._params(plan, stats, hess, dense)
         mat = self._materialize(graph, plan, stats, params, result, hess, dense)
         if self.options.bias_correction == "empirical":

@@ -41,6 +41,7 @@ class WeightQuant:
     scale: np.ndarray
     qmax: np.ndarray
     dequant: np.ndarray
+    table: np.ndarray | None = None  # int8 codebook of a codebook weight (its shape)
 
 
 def quantize_weight(w: np.ndarray, axis: int, qmax: np.ndarray) -> WeightQuant:
@@ -94,6 +95,10 @@ def quantize_codebook(site: WeightSite, w: np.ndarray, qmax: np.ndarray, act: QP
         wq = weight_quant_from(w, site.axis, q, scale, qmax)
         bad = saturating_rows(site, wq, act, stats) if avoid_saturation else None
         if bad is None or not bad.any() or qmax.min() <= 1:
+            entries = table.reshape(channels, -1) if site.codebook.channels else table[None]
+            step, top = (scale, qmax) if site.codebook.channels else (scale[:1], qmax[:1])
+            wq.table = np.clip(np.round(entries / step[:, None]), -top[:, None],
+                               top[:, None]).astype(np.int8).reshape(table.shape)
             return wq
         qmax[bad] -= 1
 
@@ -156,13 +161,9 @@ class Materializer:
         """Gather(codebook_f32, idx) -> W  becomes  DQ(Gather(codebook_i8, idx), s) -> W:
         onnxruntime folds the Gather at load and fuses the DQ into its int8 kernel."""
         found = site.codebook
-        table = np.asarray(found.table.values, np.float64)
         per_channel = found.channels is not None
         scale = wq.scale if per_channel else wq.scale[:1].reshape(())
-        rows = table.reshape(found.channels, -1) if per_channel else table[None]
-        step = scale.reshape(-1, 1).astype(np.float64)
-        q = np.clip(np.round(rows / step), -127, 127).astype(np.int8).reshape(table.shape)
-        found.gather.inputs[0] = self._const(f"{found.table.name}_q", q)
+        found.gather.inputs[0] = self._const(f"{found.table.name}_q", wq.table)
         decoded = found.gather.outputs[0]
         decoded.dtype = np.int8
         zero = np.zeros(np.shape(scale), np.int8)
