@@ -69,9 +69,9 @@ TOOLS: dict[str, Tool] = {
     "ours-svd": ours(f"fold-bn,svd-split,{NAMES}"),
     **{f"ours-cluster{bits}": ours(f"fold-bn,cluster-weights,{NAMES}", "--bits", str(bits),
                                    *OPEN_BUDGET) for bits in (8, 6, 5, 4, 3)},
-    # Mixed precision: bits per layer from measured sensitivity, 4 bits on average.
-    "ours-cluster-avg4": ours(f"fold-bn,cluster-weights,{NAMES}", "--avg-bits", "4",
-                              *OPEN_BUDGET),
+    # Mixed precision: bits per layer from measured sensitivity, 5 or 4 bits on average.
+    **{f"ours-cluster-avg{bits}": ours(f"fold-bn,cluster-weights,{NAMES}", "--avg-bits",
+                                       str(bits), *OPEN_BUDGET) for bits in (5, 4)},
     # The same codebooks in the int8 domain under static int8: int8 kernels, packed indices.
     "ours-cluster-avg4-int8": ours(f"fold-bn,equalize,cluster-weights,qdq-int8,remove-dead,"
                                    f"{NAMES}", "--avg-bits", "4", *OPEN_BUDGET),
