@@ -218,9 +218,9 @@ def _cluster_options(g) -> None:
                    "bits per weight with codebooks and decode nodes; bits chosen per layer")
     g.add_argument("--min-layer-sqnr", type=float, dest="min_sqnr_db", help="cluster-weights:"
                    " error budget, fewest bits reaching this output SQNR (dB) per layer")
-    g.add_argument("--granularity", choices=("auto", "channel", "tensor"),
-                   help="cluster-weights: codebook per tensor, per output channel or chosen "
-                   "per layer (auto, default)")
+    g.add_argument("--granularity", choices=("auto", "channel", "scaled", "tensor"),
+                   help="cluster-weights: codebook per tensor, per output channel, one "
+                   "codebook scaled per output channel, or chosen per layer (auto, default)")
     g.add_argument("--kmeans-init", choices=("linear", "density", "kmeans++"),
                    help="cluster-weights: k-means initialisation (default linear)")
     g.add_argument("--no-refine", action="store_const", const=False, dest="data_aware",

@@ -187,25 +187,19 @@ def test_refine_with_fewer_rows_than_inputs_does_not_fit_the_calibration_noise()
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_cluster_every_bit_width_round_trips_exactly(bits):
-    per_channel = bits <= 4  # per-channel 5-8 bit codebooks outweigh these small layers
+    # per-channel 5-8 bit codebooks outweigh these small layers; a scaled one does not
+    granularity = "channel" if bits <= 4 else "scaled" if bits <= 6 else "tensor"
     m = model()
-    out, result = apply_pass(ClusterWeights, m, {
-        "bits": bits, "granularity": "channel" if per_channel else "tensor"})
+    out, result = apply_pass(ClusterWeights, m, {"bits": bits, "granularity": granularity})
     found, _ = sites.find(import_graph(m))
     got = decoded_weights(out, [s.key for s in found])
     for site in found:
-        expect = sites.cluster(site, bits, per_channel, refine.Quadratic(site.w2, None, False))
-        idx, book = sites.stored_layout(site, expect)
-        if not per_channel:
-            want = book[idx]
-        elif site.axis == 0:
-            want = np.take_along_axis(book, idx.reshape(idx.shape[0], -1), 1)
-        else:
-            want = book[np.arange(idx.shape[1])[None, :], idx]
-        np.testing.assert_array_equal(got[site.key], want.reshape(idx.shape))  # exact
+        expect = sites.cluster(site, bits, granularity, refine.Quadratic(site.w2, None, False))
+        w2 = expect.decoded()  # float32 codebook (and scale): the products are exact here
+        want = (w2.T if site.transposed else w2).reshape(site.const.values.shape)
+        np.testing.assert_array_equal(got[site.key], want.astype(np.float32))  # exact
     assert [r["layer"] for r in result.layers] == ["c1", "c2", "y"]
-    assert {(r["bits"], r["codebook"]) for r in result.layers} == {
-        (bits, "channel" if per_channel else "tensor")}
+    assert {(r["bits"], r["codebook"]) for r in result.layers} == {(bits, granularity)}
     assert op_counts(out)["Gather"] == 3
     assert not {i.name for i in out.graph.initializer} & {"w1", "w2", "w3"}
     packed = sum(i.raw_data.__len__() for i in out.graph.initializer if "packed" in i.name)

@@ -13,7 +13,7 @@ from onnxslim_cnn import Budget, Config, DataConfig, compress
 from onnxslim_cnn.passes.base import PassContext
 from onnxslim_cnn.passes.qdq import QdqInt8, calibrate, saturation
 
-from .helpers import SHARED_MODELS, apply_pass, make_model, rand, run
+from .helpers import SHARED_MODELS, apply_pass, make_model, op_counts, rand, run
 
 # x -> Conv -> Relu -> MaxPool -> Conv -> Relu -> GAP -> Flatten -> Gemm -> y
 CNN = """
@@ -86,11 +86,13 @@ def test_qdq_float16_model_runs_int8_inside_and_keeps_float16_io(tmp_path):
     assert cosine(ref, got) > 0.999  # same bound as the float32 model
 
 
-@pytest.mark.parametrize(("granularity", "bits"), [("tensor", 5), ("channel", 4)])
+@pytest.mark.parametrize(("granularity", "bits"), [("tensor", 5), ("channel", 4),
+                                                   ("scaled", 3)])
 def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, granularity,
                                                                        bits):
     """cluster-weights then qdq-int8: the codebook becomes int8 (per tensor: one scale
-    for the shared entries; per channel: one per row), the packed 4-bit indices stay, and
+    for the shared entries; per channel: one per row; scaled per channel: the shared
+    entries, the channel scales in the DequantizeLinear), the packed indices stay, and
     onnxruntime folds Gather and fuses the DQ into QLinearConv/QGemm."""
     from onnxslim_cnn.passes.cluster import ClusterWeights
 
@@ -114,7 +116,7 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
     out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
     coded = [r for r in result.layers if "weight_codebook" in r]
     assert len(coded) == 2 and {r["weight_codebook"] for r in coded} == {
-        f"int8 per {granularity}"}
+        "int8 scaled per channel" if granularity == "scaled" else f"int8 per {granularity}"}
     weights = 32 * 16 * 9 + 64 * 32
     int8 = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
                if t.data_type == onnx.TensorProto.INT8)
@@ -122,6 +124,8 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
                  if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
     # codebooks only; indices packed (5 bits: a 4-bit and a 1-bit plane, added as uint8)
     assert int8 < weights / 4 and packed == weights * bits // 8
+    if granularity == "scaled":  # 2 shared 8-entry codebooks + per-channel zero points
+        assert int8 == 2 * 8 + 32 + 64 and op_counts(out).get("Mul", 0) == 0
     ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1
     assert not {"Conv", "Gather", "BitShift", "DequantizeLinear"} & set(ops), ops

@@ -149,6 +149,22 @@ def test_codebook_per_channel_inner_axis_equals_lookup_exactly():
     assert np.array_equal(got, codebook[np.arange(SHAPE[1]).reshape(1, -1, 1, 1), indices])
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_codebook_scaled_per_channel_equals_lookup_times_scale_exactly(axis):
+    indices, codebook = cluster(12, 4)
+    scale = np.random.default_rng(3).uniform(0.01, 2, SHAPE[axis]).astype(np.float32)
+    got, encoded = decode_alone(14, lambda g: storage.encode_codebook(
+        g, "w", indices, codebook, 4, per_channel_axis=axis, channel_scale=scale))
+    view = [1, 1, 1, 1]
+    view[axis] = -1
+    assert np.array_equal(got, codebook[indices] * scale.reshape(view))  # float32 product
+    payload = plane_bytes(indices.size, 4) + codebook.nbytes + scale.nbytes  # no offsets
+    assert payload <= encoded.stored_bytes < payload + 100
+    with pytest.raises(UsageError):  # the scale must match the channel axis
+        storage.encode_codebook(gs.Graph(opset=14), "w", indices, codebook, 4,
+                                per_channel_axis=axis, channel_scale=scale[:2])
+
+
 def test_codebook_bad_input_declines():
     indices, codebook = cluster(0, 2)
     graph = gs.Graph(opset=13)

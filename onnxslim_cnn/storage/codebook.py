@@ -15,7 +15,8 @@ from .core import DECODE_TAG, Encoded, ValuesEncoder, _Builder, _check_bits, _re
 
 def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: np.ndarray,
                     bits: int, shape=None, taken: set[str] | None = None,
-                    per_channel_axis: int | None = None) -> Encoded:
+                    per_channel_axis: int | None = None,
+                    channel_scale: np.ndarray | None = None) -> Encoded:
     """Store ``codebook[indices]`` as ``bits``-bit packed indices plus the codebook.
 
     Args:
@@ -23,6 +24,8 @@ def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: n
         codebook: [k] (per tensor) or [C, k] with C = shape[per_channel_axis]; float or
             int8 (decode with ``dequantize`` afterwards).
         shape: decoded shape (default ``indices.shape``).
+        channel_scale: [C] float32 with a [k] codebook: the decode is multiplied by it
+            along ``per_channel_axis`` (a shared codebook scaled per channel).
 
     Returns:
         Encoded with min_opset 11 (BitShift; 14 for 3, 5, 6, 7 bits: uint8 Add).
@@ -34,21 +37,30 @@ def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: n
     indices, codebook = np.asarray(indices), np.asarray(codebook)
     shape = tuple(int(d) for d in (indices.shape if shape is None else shape))
     _check_bits(bits)
-    _check_codebook(indices, codebook, bits, shape, per_channel_axis)
+    scaled = channel_scale is not None
+    _check_codebook(indices, codebook, bits, shape, None if scaled else per_channel_axis)
+    if scaled and (per_channel_axis is None or np.size(channel_scale) !=
+                   shape[per_channel_axis % len(shape)]):
+        raise UsageError(f"channel scale of {np.size(channel_scale)} values does not fit "
+                         f"shape {shape} along axis {per_channel_axis}")
     _require_opset(graph, _codebook_opset(bits), f"{bits}-bit codebook storage")
     b = _Builder(graph, name, taken)
     index = b.op("Cast", [_unpack(b, indices, bits, shape)], np.int32, list(shape),
                  to=onnx.TensorProto.INT32)
     table = codebook.reshape(-1)
+    view = [1] * len(shape)
     if per_channel_axis is not None:
-        # entry j of channel c sits at c*k + j of the flattened [C, k] codebook
-        view = [1] * len(shape)
         view[per_channel_axis] = -1
+    if per_channel_axis is not None and not scaled:
+        # entry j of channel c sits at c*k + j of the flattened [C, k] codebook
         offset = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1])
         index = b.op("Add", [index, b.const("offset", offset.reshape(view))], np.int32,
                      list(shape))
     out = b.op("Gather", [b.const("codebook", table), index], codebook.dtype, list(shape),
                axis=0)
+    if scaled:
+        out = b.op("Mul", [out, b.const("scale", np.asarray(channel_scale, np.float32)
+                                        .reshape(view))], np.float32, list(shape))
     return b.finish(out, indices.size * codebook.itemsize, f"codebook{bits}",
                     _codebook_opset(bits))
 
@@ -97,11 +109,14 @@ class CodebookDecode:
     Attributes:
         table: the float32 codebook constant, [k] or a per-channel [C, k] flattened.
         channels: C for a per-channel codebook, else None.
+        mul: with a shared codebook scaled per channel, the Mul by ``scale`` [C].
     """
 
     gather: gs.Node
     table: gs.Constant
     channels: int | None
+    mul: gs.Node | None = None
+    scale: np.ndarray | None = None
 
 
 def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
@@ -110,7 +125,15 @@ def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
     if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 \
             or len(tensor.outputs) != 1:
         return None
-    gather = tensor.inputs[0]
+    gather, mul, scale = tensor.inputs[0], None, None
+    if gather.op == "Mul" and DECODE_TAG in (gather.name or "") \
+            and isinstance(gather.inputs[1], gs.Constant):
+        mul, scale = gather, np.asarray(gather.inputs[1].values).reshape(-1)
+        inner = gather.inputs[0]
+        if not isinstance(inner, gs.Variable) or len(inner.inputs) != 1 \
+                or len(inner.outputs) != 1:
+            return None
+        gather = inner.inputs[0]
     if gather.op != "Gather" or DECODE_TAG not in (gather.name or ""):
         return None
     table, index = gather.inputs
@@ -121,7 +144,9 @@ def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
     channels = None
     if offset is not None and offset.op == "Add" and isinstance(offset.inputs[1], gs.Constant):
         channels = int(np.asarray(offset.inputs[1].values).size)
-    return CodebookDecode(gather, table, channels)
+    if mul is not None and channels is not None:
+        return None
+    return CodebookDecode(gather, table, channels, mul, scale)
 
 
 def decoded_values(tensors: list[gs.Variable], opset: int) -> list[np.ndarray]:

@@ -60,7 +60,8 @@ class ClusterOptions:
         avg_bits: size budget: average bits per weight, codebooks and (for tensors
             below SMALL) decode nodes included.
         min_sqnr_db: error budget: each layer's cheapest bits reaching this output SQNR.
-        granularity: ``auto`` (chosen per layer), ``channel`` or ``tensor`` codebooks.
+        granularity: ``auto`` (chosen per layer), ``channel``, ``scaled`` (one codebook
+            times a scale per channel) or ``tensor`` codebooks.
         kmeans_init: one of kmeans.INITS.
         data_aware: least-squares centroids on calibration data (else plain k-means).
         sequential_fit: fit each layer on the inputs of the model whose earlier layers
@@ -93,7 +94,7 @@ class ClusterWeights(Pass):
             raise PreconditionError(f"--bits must be in 1..8, got {o.bits}")
         if o.avg_bits is not None and not o.avg_bits > 0:
             raise PreconditionError(f"--avg-bits must be positive, got {o.avg_bits}")
-        if o.granularity not in ("auto", "channel", "tensor"):
+        if o.granularity not in ("auto", *sites.GRANULARITIES):
             raise PreconditionError(f"unknown codebook granularity '{o.granularity}'")
         if o.kmeans_init not in kmeans.INITS:
             raise PreconditionError(f"unknown k-means init '{o.kmeans_init}' "
@@ -118,7 +119,7 @@ class ClusterWeights(Pass):
                 reuse = pick.clustering is not None and not (
                     self.options.data_aware and site.key in grams)
                 clustered = pick.clustering if reuse else self._cluster(
-                    site, pick.bits, pick.per_channel, self._quads([site], grams), ctx)
+                    site, pick.bits, pick.granularity, self._quads([site], grams), ctx)
                 self._encode(graph, site, clustered, _plain_shift(site, clustered, grams),
                              taken, result)
         if later:
@@ -141,9 +142,9 @@ class ClusterWeights(Pass):
                 fitted = dataclasses.replace(site, w2=target)
                 quad = refine.Quadratic(target, stats.moments, centred)
                 pick = picks[site.key]
-                clustered = sites.cluster(fitted, pick.bits, pick.per_channel, quad,
+                clustered = sites.cluster(fitted, pick.bits, pick.granularity, quad,
                                           self.options.kmeans_init, ctx.seed, True)
-                decoded = sites.decode(clustered.idx, clustered.codebook, pick.per_channel)
+                decoded = clustered.decoded()
                 shift = stats.bias_shift(site.w2, decoded) if centred else None
                 self._encode(graph, fitted, clustered, shift, taken, result)
 
@@ -160,12 +161,12 @@ class ClusterWeights(Pass):
 
     # -- choice ----------------------------------------------------------------------
 
-    def _granularities(self) -> tuple[bool, ...]:
-        return {"auto": (False, True), "channel": (True,), "tensor": (False,)}[
-            self.options.granularity]
+    def _granularities(self) -> tuple[str, ...]:
+        o = self.options.granularity
+        return sites.GRANULARITIES if o == "auto" else (o,)
 
-    def _cluster(self, site, bits, per_channel, quads, ctx, refine_it=True) -> sites.Clustered:
-        return sites.cluster(site, bits, per_channel, quads[site.key], self.options.kmeans_init,
+    def _cluster(self, site, bits, granularity, quads, ctx, refine_it=True) -> sites.Clustered:
+        return sites.cluster(site, bits, granularity, quads[site.key], self.options.kmeans_init,
                              ctx.seed, self.options.data_aware and refine_it)
 
     @staticmethod
@@ -177,7 +178,7 @@ class ClusterWeights(Pass):
         o = self.options
         widths = [o.bits or 4] if o.avg_bits is None and o.min_sqnr_db is None else \
             list(BUDGET_WIDTHS)
-        options = [(b, pc) for b in widths for pc in self._granularities()]
+        options = [(b, g) for b in widths for g in self._granularities()]
         if len(options) == 1:  # nothing to choose
             return [select.Candidate(*options[0], 0, 0.0) for _ in found]
         quads = self._quads(found, grams)
@@ -186,9 +187,9 @@ class ClusterWeights(Pass):
         table = []
         for i, site in enumerate(found):
             ctx.progress(f"cluster-weights: layer {i + 1}/{len(found)} {site.key}")
-            # keeping every candidate's indices would cost memory; two are cheap
-            table.append([self._candidate(site, b, pc, quads, ctx, len(options) <= 2)
-                          for b, pc in options])
+            # keeping every candidate's indices would cost memory; three are cheap
+            table.append([self._candidate(site, b, g, quads, ctx, len(options) <= 3)
+                          for b, g in options])
         if o.avg_bits is not None:
             scale = None
             if ctx.calib:
@@ -208,7 +209,7 @@ class ClusterWeights(Pass):
         probes, own, adjusted = {}, {}, []
         for site, cands in zip(found, table, strict=True):
             pick = select.fixed([c for c in cands if c.bits == PROBE_BITS], site.size)
-            c = self._cluster(site, pick.bits, pick.per_channel, quads, ctx)
+            c = self._cluster(site, pick.bits, pick.granularity, quads, ctx)
             probes[site.key] = _probe_values(site, c, _plain_shift(site, c, grams))
             own[site.key] = 10 ** (-c.sqnr_db / 10)
             # refinement gains about the same dB at every width (measured on SqueezeNet:
@@ -220,14 +221,14 @@ class ClusterWeights(Pass):
                                         ctx.calib)
         return [net[s.key] / max(own[s.key], 1e-30) for s in found], adjusted
 
-    def _candidate(self, site, bits, per_channel, quads, ctx, keep) -> select.Candidate:
+    def _candidate(self, site, bits, granularity, quads, ctx, keep) -> select.Candidate:
         """A scored k-means candidate (not refined); ``keep``: with its clustering."""
-        c = self._cluster(site, bits, per_channel, quads, ctx, False)
+        c = self._cluster(site, bits, granularity, quads, ctx, False)
         cost = self._file_cost(site, c)
         if cost is None:  # _encode keeps this one dense: no bytes saved, no error
-            return select.Candidate(bits, per_channel, _dense_bytes(site), refine.CAP_DB,
+            return select.Candidate(bits, granularity, _dense_bytes(site), refine.CAP_DB,
                                     dense=True)
-        return select.Candidate(bits, per_channel, cost, c.sqnr_db, c if keep else None)
+        return select.Candidate(bits, granularity, cost, c.sqnr_db, c if keep else None)
 
     @staticmethod
     def _file_cost(site, clustered) -> int | None:
@@ -241,7 +242,7 @@ class ClusterWeights(Pass):
         idx, book = sites.stored_layout(site, clustered)
         trial = storage.encode_codebook(
             gs.Graph(opset=ClusterWeights.min_opset), "w", idx, book, clustered.bits,
-            taken=set(), per_channel_axis=site.axis if clustered.per_channel else None)
+            taken=set(), **_layout_args(site, clustered))
         return trial.file_bytes if trial.file_bytes < dense else None
 
     # -- storage ---------------------------------------------------------------------
@@ -252,9 +253,8 @@ class ClusterWeights(Pass):
             result.declined["encoding would not make the file smaller"] += 1
             return
         idx, book = sites.stored_layout(site, clustered)
-        axis = site.axis if clustered.per_channel else None
         encoded = storage.encode_codebook(graph, site.const.name, idx, book, clustered.bits,
-                                          taken=taken, per_channel_axis=axis)
+                                          taken=taken, **_layout_args(site, clustered))
         storage.replace_with(graph, site.const, encoded)
         if shift is not None and site.bias is not None:
             _correct_bias(site, shift, taken)
@@ -275,6 +275,13 @@ class ClusterWeights(Pass):
             seconds=round(seconds, 3))
 
 
+def _layout_args(site: sites.Site, clustered: sites.Clustered) -> dict:
+    """encode_codebook's per-channel arguments for ``clustered``."""
+    if clustered.granularity == "tensor":
+        return {}
+    return {"per_channel_axis": site.axis, "channel_scale": clustered.scale}
+
+
 def _dense_bytes(site: sites.Site) -> int:
     return int(np.asarray(site.const.values).nbytes)
 
@@ -284,13 +291,12 @@ def _plain_shift(site: sites.Site, clustered: sites.Clustered, grams) -> np.ndar
     moments = grams.get(site.key)
     if moments is None or site.bias is None:
         return None
-    decoded = sites.decode(clustered.idx, clustered.codebook, clustered.per_channel)
-    return refine.bias_shift(site.w2, decoded, moments.mean)
+    return refine.bias_shift(site.w2, clustered.decoded(), moments.mean)
 
 
 def _probe_values(site: sites.Site, clustered: sites.Clustered, shift) -> dict:
     """{initializer name: value} of the site's decoded weight (and shifted bias)."""
-    w2 = sites.decode(clustered.idx, clustered.codebook, clustered.per_channel)
+    w2 = clustered.decoded()
     shape = np.asarray(site.const.values).shape
     out = {site.const.name: (w2.T if site.transposed else w2).reshape(shape).astype(
         np.float32)}
@@ -316,7 +322,7 @@ def _correct_bias(site: sites.Site, shift: np.ndarray, taken) -> None:
 
 def _record(site: sites.Site, c: sites.Clustered, encoded: storage.Encoded) -> dict:
     return {"layer": site.key, "op": site.node.op, "bits": c.bits,
-            "codebook": "channel" if c.per_channel else "tensor", "weights": site.size,
+            "codebook": c.granularity, "weights": site.size,
             "bytes_before": encoded.dense_bytes, "bytes_after": encoded.stored_bytes,
             "file_bytes": encoded.file_bytes, "sqnr_db": round(c.sqnr_db, 2),
             "sqnr_kmeans_db": round(c.sqnr_kmeans_db, 2), "refined": c.refined,

@@ -30,7 +30,7 @@ DB_PER_BIT = 6.02
 @dataclass(frozen=True)
 class Candidate:
     bits: int
-    per_channel: bool
+    granularity: str  # sites.GRANULARITIES
     bytes: int
     sqnr_db: float
     clustering: object = field(default=None, compare=False, repr=False)  # if kept

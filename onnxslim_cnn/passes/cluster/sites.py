@@ -17,6 +17,7 @@ from . import assign, kmeans, refine
 from .refine import ConvGeom
 
 ZERO_FRACTION = 0.01  # more exact zeros than this: the layer was pruned, keep them exact
+GRANULARITIES = ("tensor", "scaled", "channel")
 
 
 @dataclass
@@ -39,20 +40,40 @@ class Site:
 
 @dataclass
 class Clustered:
-    """One clustering of a site: indices [O, P], codebook [R, k] float32, SQNRs."""
+    """One clustering of a site: indices [O, P], codebook [R, k] float32, SQNRs.
+
+    ``granularity`` (GRANULARITIES): ``tensor`` (R = 1), ``channel`` (R = O) or
+    ``scaled``: one shared codebook (R = 1) times a per-channel ``scale`` [O], i.e.
+    w'_o = scale_o * codebook[idx_o], for O + k floats instead of O * k.
+    """
 
     bits: int
-    per_channel: bool
+    granularity: str
     idx: np.ndarray
     codebook: np.ndarray
     sqnr_db: float
     sqnr_kmeans_db: float
     refined: bool
+    scale: np.ndarray | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "channel"
 
     @property
     def nbytes(self) -> int:
-        channels = self.idx.shape[0] if self.per_channel else 0
+        # the per-channel decode also stores an int32 offset per channel
+        channels = 0 if self.granularity == "tensor" else self.idx.shape[0]
         return -(-self.idx.size * self.bits // 8) + self.codebook.size * 4 + 4 * channels
+
+    def decoded(self) -> np.ndarray:
+        """W2' [O, P] float64."""
+        return decode(self.idx, self.codebook, self.scale)
+
+    def rows(self) -> np.ndarray:
+        """[O, k] or [1, k]: the values each row's indices select."""
+        book = self.codebook.astype(np.float64)
+        return book if self.scale is None else self.scale[:, None] * book
 
 
 def find(graph: gs.Graph) -> tuple[list[Site], dict[str, int]]:
@@ -128,17 +149,27 @@ def _layout(node: gs.Node, w: np.ndarray):
     return w.T, 1, True, ConvGeom(dense=True)
 
 
-def cluster(site: Site, bits: int, per_channel: bool, quad: refine.Quadratic,
+def cluster(site: Site, bits: int, granularity: str, quad: refine.Quadratic,
             init: str = "linear", seed: int = 0, data_aware: bool = True) -> Clustered:
     """k-means (k = 2^bits; one centroid fixed at 0 when pruned), then refinement.
 
+    A ``scaled`` codebook clusters the rows divided by their largest |w|, each value
+    weighted by that scale squared (so the k-means minimises the weight error itself).
     ``quad`` (refine.Quadratic of the site) scores the result as output SQNR and
     drives the least-squares refinement, kept only when it raises that SQNR.
     """
-    rows = site.w2 if per_channel else site.w2.reshape(1, -1)
+    w2, scale = site.w2, None
+    weights = (w2 != 0).astype(np.float64) if site.pruned else None
+    if granularity == "scaled":
+        top = np.abs(w2).max(axis=1)
+        scale = np.where(top > 0, top, 1.0).astype(np.float32).astype(np.float64)
+        w2 = w2 / scale[:, None]
+        weights = np.broadcast_to(scale[:, None] ** 2, w2.shape) * (
+            1.0 if weights is None else weights)
+    rows = w2 if granularity == "channel" else w2.reshape(1, -1)
+    weights = None if weights is None else weights.reshape(rows.shape)
     k = 1 << bits
     zero = 0 if site.pruned else None
-    weights = (rows != 0).astype(np.float64) if site.pruned else None
     cent = kmeans.kmeans_rows(rows, k - 1 if site.pruned else k, weights, init, seed)
     idx = kmeans.assign(rows, cent)
     if site.pruned:  # zeros -> the exact 0 centroid at index 0
@@ -146,33 +177,39 @@ def cluster(site: Site, bits: int, per_channel: bool, quad: refine.Quadratic,
         idx = np.where(rows == 0, 0, idx + 1)
     idx = idx.reshape(site.w2.shape)
     book = cent.astype(np.float32)
-    base = quad.direct_sqnr_db(decode(idx, book, per_channel))
-    result = Clustered(bits, per_channel, idx, book, base, base, False)
+    base = quad.direct_sqnr_db(decode(idx, book, scale))
+    result = Clustered(bits, granularity, idx, book, base, base, False, scale)
     if data_aware and quad.s is not None and k <= refine.MAX_K:
-        _refine(result, quad, cent, zero)
+        _refine(result, quad, zero)
     return result
 
 
-def _refine(result: Clustered, quad: refine.Quadratic, cent: np.ndarray, zero) -> None:
+def _refine(result: Clustered, quad: refine.Quadratic, zero) -> None:
     """Error-feedback indices (assign.py) and least-squares centroids, kept if better."""
+    cent, scale = result.rows(), result.scale
     k = cent.shape[1]
     idx = np.empty_like(result.idx)
     per_group = idx.shape[0] // quad.groups
     for g in range(quad.groups):
         rows = slice(g * per_group, (g + 1) * per_group)
         idx[rows] = assign.gptq_assign(quad.w[rows], quad.s[g],
-                                       cent[rows] if result.per_channel else cent, zero)
-    better = refine.solve(*quad.normal_equations(idx, k), cent, zero).astype(np.float32)
-    score = quad.direct_sqnr_db(decode(idx, better, result.per_channel))
+                                       cent[rows] if cent.shape[0] > 1 else cent, zero)
+    a, b = quad.normal_equations(idx, k)
+    if scale is not None:  # w'_o = scale_o M_o c: the shared c sees scaled equations
+        a, b = a * (scale ** 2)[:, None, None], b * scale[:, None]
+    better = refine.solve(a, b, result.codebook.astype(np.float64), zero).astype(np.float32)
+    score = quad.direct_sqnr_db(decode(idx, better, scale))
     if score > result.sqnr_db:
         result.idx, result.codebook, result.sqnr_db, result.refined = idx, better, score, True
 
 
-def decode(idx: np.ndarray, codebook: np.ndarray, per_channel: bool) -> np.ndarray:
-    """W2' [O, P] = codebook[idx] (per channel: row o reads codebook row o)."""
-    if per_channel:
-        return np.take_along_axis(codebook.astype(np.float64), idx, axis=1)
-    return codebook[0].astype(np.float64)[idx]
+def decode(idx: np.ndarray, codebook: np.ndarray, scale: np.ndarray | None = None
+           ) -> np.ndarray:
+    """W2' [O, P] = codebook[idx] (a [O, k] codebook: row o reads codebook row o), times
+    ``scale`` [O] per row when given."""
+    book = codebook.astype(np.float64)
+    out = np.take_along_axis(book, idx, axis=1) if book.shape[0] > 1 else book[0][idx]
+    return out if scale is None else out * scale[:, None]
 
 
 def stored_layout(site: Site, clustered: Clustered) -> tuple[np.ndarray, np.ndarray]:

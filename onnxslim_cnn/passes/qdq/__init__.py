@@ -344,5 +344,5 @@ def _layer_record(site, wq: insert.WeightQuant, act: insert.QParams | None) -> d
               "input_levels": None if act is None else act.levels}
     if site.codebook is not None:  # cluster-weights' packed indices kept, codebook int8
         record["weight_codebook"] = "int8 per channel" if site.codebook.channels else \
-            "int8 per tensor"
+            "int8 per tensor" if site.codebook.scale is None else "int8 scaled per channel"
     return record

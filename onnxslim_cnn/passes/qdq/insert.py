@@ -75,28 +75,34 @@ def quantize_codebook(site: WeightSite, w: np.ndarray, qmax: np.ndarray, act: QP
     """Int8 grid of a cluster-weights codebook: its entries are rounded, its packed
     indices kept (so the weight stays a few bits per value in the file).
 
-    A per-channel codebook gets per-channel scales as ``quantize_weight``; a per-tensor
-    one, shared by all channels, one scale s = max|codebook| / min_n q_n so its int8
-    entries fit every channel's bound. Where the AVX2 pair sums could still saturate
-    the bound is lowered further. ``Materializer.weight`` writes the int8 codebook.
+    A per-channel codebook gets per-channel scales as ``quantize_weight``; a shared one
+    one step u = max|codebook| / min_n q_n so its int8 entries fit every channel's
+    bound, and channel n the scale u (times the codebook's channel scale, when it is
+    scaled per channel). Where the AVX2 pair sums could still saturate the bound is
+    lowered further. ``Materializer.weight`` writes the int8 codebook.
     """
-    table = np.asarray(site.codebook.table.values, np.float64)
+    found = site.codebook
+    table = np.asarray(found.table.values, np.float64)
     channels = w.shape[site.axis]
     rows = np.moveaxis(w.astype(np.float64), site.axis, 0).reshape(channels, -1)
     qmax = np.asarray(qmax, np.int64).copy()
+    per_channel = found.channels is not None
     while True:
-        if site.codebook.channels is None:
-            qmax[:] = qmax.min()
-            absmax = np.full(channels, np.abs(table).max())
-        else:
+        if per_channel:
             absmax = np.abs(table.reshape(channels, -1)).max(axis=1)
-        scale = np.where(absmax > 0, absmax / qmax, 1.0)
+            scale = np.where(absmax > 0, absmax / qmax, 1.0)
+        else:
+            qmax[:] = qmax.min()
+            top = np.abs(table).max()
+            unit = top / qmax[0] if top > 0 else 1.0
+            scale = unit * (np.ones(channels) if found.scale is None else
+                            found.scale.astype(np.float64))
         q = np.clip(np.round(rows / scale[:, None]), -qmax[:, None], qmax[:, None])
         wq = weight_quant_from(w, site.axis, q, scale, qmax)
         bad = saturating_rows(site, wq, act, stats) if avoid_saturation else None
         if bad is None or not bad.any() or qmax.min() <= 1:
-            entries = table.reshape(channels, -1) if site.codebook.channels else table[None]
-            step, top = (scale, qmax) if site.codebook.channels else (scale[:1], qmax[:1])
+            entries, step, top = (table.reshape(channels, -1), scale, qmax) if per_channel \
+                else (table[None], np.array([unit]), qmax[:1])
             wq.table = np.clip(np.round(entries / step[:, None]), -top[:, None],
                                top[:, None]).astype(np.int8).reshape(table.shape)
             return wq
@@ -158,14 +164,19 @@ class Materializer:
         site.node.inputs[site.index] = dq
 
     def _codebook(self, site: WeightSite, wq: WeightQuant) -> None:
-        """Gather(codebook_f32, idx) -> W  becomes  DQ(Gather(codebook_i8, idx), s) -> W:
+        """Gather(codebook_f32, idx) [-> Mul(channel scale)] -> W  becomes
+        DQ(Gather(codebook_i8, idx), s) -> W (the channel scale folded into s):
         onnxruntime folds the Gather at load and fuses the DQ into its int8 kernel."""
         found = site.codebook
-        per_channel = found.channels is not None
+        per_channel = found.channels is not None or found.scale is not None
         scale = wq.scale if per_channel else wq.scale[:1].reshape(())
         found.gather.inputs[0] = self._const(f"{found.table.name}_q", wq.table)
         decoded = found.gather.outputs[0]
         decoded.dtype = np.int8
+        if found.mul is not None:  # its scale is in the DequantizeLinear's now
+            found.mul.inputs.clear()
+            found.mul.outputs.clear()
+            self.graph.nodes.remove(found.mul)
         zero = np.zeros(np.shape(scale), np.int8)
         dq = self._node("DequantizeLinear", f"{decoded.name}_dq",
                         [decoded, self._const(f"{decoded.name}_s", scale),
