@@ -1,12 +1,15 @@
 """cluster-weights: weight sharing, k-means codebooks with data-aware centroids (lossy).
 
 Every Conv/Gemm/MatMul weight is replaced by k = 2^b shared values (b = 1..8 per layer):
-b-bit packed indices plus a codebook per tensor or per output channel, decoded by ops
-onnxruntime folds at load (storage.encode_codebook), so the file shrinks ~32/b times
-and inference speed is unchanged.
+b-bit packed indices plus a codebook per tensor, per output channel, or one per tensor
+times a scale per output channel (``scaled``: O + k floats; BN-folded weights differ in
+scale from channel to channel, which a shared codebook wastes its levels on), decoded
+by ops onnxruntime folds at load (storage.encode_codebook), so the file shrinks ~32/b
+times and inference speed is unchanged.
 
 Before:  W[O, C, kh, kw] fp32 -> Conv
-After:   packed idx (b bits) -> unpack -> Gather(codebook[k] or [O*k]) -> Conv
+After:   packed idx (b bits) -> unpack -> Gather(codebook[k] or [O*k]) [-> Mul(scale[O])]
+         -> Conv
 
 Steps per layer: exact 1-D k-means (kmeans.py; linear/density/k-means++ init, seeded;
 a pruned layer keeps an exact 0 centroid so zeros stay zeros); with calibration data,
