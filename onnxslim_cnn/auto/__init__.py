@@ -108,9 +108,14 @@ class AutoCompress(Pass):
             result.declined["no candidate pass accepted any layer"] += 1
             return result
         fronts, every = self._fronts(base, by_layer, held, ctx.progress)
-        judge = search.Judge(base, fronts, held, labels,
-                             search.shared_budget(ctx.budget, self.options.auto_budget_share),
-                             ctx.progress)
+        budget = search.shared_budget(ctx.budget, self.options.auto_budget_share)
+        if budget.top1_replaces_cosine and ctx.calib_labels is not None:
+            # top-1 alone: on the held-out third one flip is ~3 points, so the search
+            # would take nearly anything (ResNet-8: its all-2-bit mix, cosine 0.77).
+            # Every calibration sample resolves 1 point; the candidates fitted only
+            # per-layer weights on two thirds of them, not the top-1 decisions.
+            held, labels = ctx.calib, ctx.calib_labels
+        judge = search.Judge(base, fronts, held, labels, budget, ctx.progress)
         path = allocate.greedy_path(fronts)
         target = self.options.target_size
         state = search.by_budget(judge, path) if target is None else \
