@@ -75,10 +75,10 @@ def quantize_codebook(site: WeightSite, w: np.ndarray, qmax: np.ndarray, act: QP
     """Int8 grid of a cluster-weights codebook: its entries are rounded, its packed
     indices kept (so the weight stays a few bits per value in the file).
 
-    A per-channel codebook gets per-channel scales as ``quantize_weight``; a shared one
-    one step u = max|codebook| / min_n q_n so its int8 entries fit every channel's
-    bound, and channel n the scale u (times the codebook's channel scale, when it is
-    scaled per channel). Where the AVX2 pair sums could still saturate the bound is
+    A per-channel codebook gets per-channel scales as ``quantize_weight``. A shared
+    one gets one step u = max|codebook| / min_n q_n, so that its int8 entries fit every
+    channel's bound, and channel n the scale u (times the codebook's scale of channel n
+    when it is scaled per channel). Where the AVX2 pair sums could still saturate the bound is
     lowered further. ``Materializer.weight`` writes the int8 codebook.
     """
     found = site.codebook
