@@ -242,10 +242,8 @@ class ClusterWeights(Pass):
         dense = _dense_bytes(site)
         if dense >= SMALL:
             return clustered.nbytes
-        idx, book = sites.stored_layout(site, clustered)
-        trial = storage.encode_codebook(
-            gs.Graph(opset=ClusterWeights.min_opset), "w", idx, book, clustered.bits,
-            taken=set(), **_layout_args(site, clustered))
+        trial = sites.encode(gs.Graph(opset=ClusterWeights.min_opset), "w", site,
+                             clustered, set())
         return trial.file_bytes if trial.file_bytes < dense else None
 
     # -- storage ---------------------------------------------------------------------
@@ -255,9 +253,7 @@ class ClusterWeights(Pass):
         if self._file_cost(site, clustered) is None:
             result.declined["encoding would not make the file smaller"] += 1
             return
-        idx, book = sites.stored_layout(site, clustered)
-        encoded = storage.encode_codebook(graph, site.const.name, idx, book, clustered.bits,
-                                          taken=taken, **_layout_args(site, clustered))
+        encoded = sites.encode(graph, site.const.name, site, clustered, taken)
         storage.replace_with(graph, site.const, encoded)
         if shift is not None and site.bias is not None:
             _correct_bias(site, shift, taken)
@@ -276,13 +272,6 @@ class ClusterWeights(Pass):
             avg_bits=round(8 * after / max(weights, 1), 3),
             mean_refine_gain_db=round(float(np.mean(gains)) if gains else 0.0, 3),
             seconds=round(seconds, 3))
-
-
-def _layout_args(site: sites.Site, clustered: sites.Clustered) -> dict:
-    """encode_codebook's per-channel arguments for ``clustered``."""
-    if clustered.granularity == "tensor":
-        return {}
-    return {"per_channel_axis": site.axis, "channel_scale": clustered.scale}
 
 
 def _dense_bytes(site: sites.Site) -> int:

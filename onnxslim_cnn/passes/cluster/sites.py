@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ... import storage
 from . import assign, kmeans, refine
 from .refine import ConvGeom
 
@@ -212,8 +213,14 @@ def decode(idx: np.ndarray, codebook: np.ndarray, scale: np.ndarray | None = Non
     return out if scale is None else out * scale[:, None]
 
 
-def stored_layout(site: Site, clustered: Clustered) -> tuple[np.ndarray, np.ndarray]:
-    """(indices in the weight's own shape, codebook [k] or [O, k]) for storage."""
-    idx = clustered.idx.T if site.transposed else clustered.idx
+def encode(graph: gs.Graph, name: str, site: Site, clustered: Clustered, taken: set[str]
+           ) -> storage.Encoded:
+    """``clustered`` stored as ``storage.encode_codebook`` nodes writing tensor ``name``:
+    indices in the weight's own shape, codebook [k] or [O, k], scales of ``scaled``."""
+    idx = (clustered.idx.T if site.transposed else clustered.idx).reshape(
+        site.const.values.shape)
     book = clustered.codebook if clustered.per_channel else clustered.codebook[0]
-    return idx.reshape(site.const.values.shape), book
+    layout = {} if clustered.granularity == "tensor" else {
+        "per_channel_axis": site.axis, "channel_scale": clustered.scale}
+    return storage.encode_codebook(graph, name, idx, book, clustered.bits, taken=taken,
+                                   **layout)
