@@ -72,6 +72,10 @@ TOOLS: dict[str, Tool] = {
     # Mixed precision: bits per layer from measured sensitivity, 5 or 4 bits on average.
     **{f"ours-cluster-avg{bits}": ours(f"fold-bn,cluster-weights,{NAMES}", "--avg-bits",
                                        str(bits), *OPEN_BUDGET) for bits in (5, 4)},
+    # Pruning and clustering composed: half the weights zero, 4-bit codebooks of the rest
+    # stored sparse (1-bit mask + 4-bit indices of the nonzeros: ~3 bits per weight).
+    "ours-prune50-cluster4": ours(f"fold-bn,prune-weights,cluster-weights,{NAMES}",
+                                  "--sparsity", "0.5", "--bits", "4", *OPEN_BUDGET),
     # The same codebooks in the int8 domain under static int8: int8 kernels, packed indices.
     "ours-cluster-avg4-int8": ours(f"fold-bn,equalize,cluster-weights,qdq-int8,remove-dead,"
                                    f"{NAMES}", "--avg-bits", "4", *OPEN_BUDGET),

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+import onnxslim_cnn.passes.cluster as cluster_pass
 from onnxslim_cnn import cli
 from onnxslim_cnn.config import Budget, Config, DataConfig
 from onnxslim_cnn.errors import PreconditionError
@@ -27,7 +28,7 @@ from onnxslim_cnn.passes.cluster import (
     sites,
 )
 
-from .helpers import SHARED_MODELS, apply_pass, feeds, make_model, op_counts, rand, run
+from .helpers import SHARED_MODELS, apply_pass, feeds, gs, make_model, op_counts, rand, run
 
 # x[2,8,10,10] -> Conv(w1[16,8,3,3], b1, pad 1) -> Relu -> Conv(w2[32,16,3,3], stride 2)
 #   -> GlobalAveragePool -> Flatten -> Gemm(w3[32,64], transB=0) -> y[2,64]
@@ -434,3 +435,67 @@ def test_sequence_waves_follow_the_data_flow():
     found, _ = sites.find(graph)
     assert [[s.key for s in wave] for wave in sequence.waves(graph, found)] == [
         ["a", "b"], ["y"]]  # the two parallel convs share one run
+
+
+def _pruned(m, ctx):
+    """``m`` through prune-weights (half of every layer, stored sparse)."""
+    from onnxslim_cnn.passes.prune.weights import PruneWeights
+
+    opts = {"sparsity": 0.5, "allocation": "uniform", "prune_first_last": True}
+    pruned, result = apply_pass(PruneWeights, m, opts, ctx)
+    assert op_counts(pruned)["CumSum"] == 3  # all three weights stored sparse
+    return pruned
+
+
+def test_cluster_after_prune_weights_stores_codebooks_of_the_nonzeros_sparse():
+    m = model()
+    ctx = PassContext(calib=calib(m))
+    pruned = _pruned(m, ctx)
+    out, result = apply_pass(ClusterWeights, pruned, {"bits": 4, "granularity": "tensor"}, ctx)
+    assert result.declined.get("weight is not a constant (already encoded?)") is None
+    assert [r["zeros_kept"] for r in result.layers] == [True] * 3
+    before = decoded_weights(pruned, ["c1", "c2", "y"])
+    got = decoded_weights(out, ["c1", "c2", "y"])
+    for key in ("c1", "c2", "y"):
+        assert np.all(got[key][before[key] == 0] == 0)  # the pruned zeros stay exact
+        assert np.unique(got[key]).size <= 16  # 4-bit codebook (with the 0 entry)
+    # mask (n/8 bytes) + 4-bit indices of the nonzeros, not 4 bits for every weight
+    packed = {i.name: len(i.raw_data) for i in out.graph.initializer if "packed" in i.name}
+    for r, w in zip(result.layers, ("w1", "w2", "w3"), strict=True):
+        n, nnz = r["weights"], np.count_nonzero(before[{"w1": "c1", "w2": "c2", "w3": "y"}[w]])
+        assert packed[f"{w}_pruned_dense/onnxslim_decode/packed"] == n // 8
+        assert packed[f"{w}_pruned_dense_values/onnxslim_decode/packed"] == -(-nnz * 4 // 8)
+        assert r["bytes_after"] < n * 4 / 8
+    assert op_counts(out)["CumSum"] == 3
+    feed = feeds(m, seed=99)  # not a calibration batch
+    assert sqnr(run(pruned, feed)["y"], run(out, feed)["y"]) > 15  # dB; measured ~24
+    assert out.ByteSize() < 0.7 * pruned.ByteSize()
+
+
+def test_cluster_densified_sparse_weights_left_alone_are_stored_sparse_again():
+    m = model()
+    pruned = _pruned(m, PassContext(calib=calib(m)))
+    graph = import_graph(pruned)
+    taken = set(graph.tensors())
+    dense = sites.densify_sparse(graph, taken)
+    assert len(dense) == 3
+    graph.cleanup()
+    assert "CumSum" not in {n.op for n in graph.nodes}
+    cluster_pass._sparse_again(graph, dense, taken)
+    graph.cleanup().toposort()
+    again = gs.export_onnx(graph)
+    assert op_counts(again)["CumSum"] == 3
+    want, got = decoded_weights(pruned, ["c1", "c2", "y"]), decoded_weights(again, ["c1", "c2",
+                                                                                  "y"])
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])  # exact round trip
+
+
+def test_auto_candidate_prune_then_cluster_tag():
+    from onnxslim_cnn.auto import variants
+
+    cand = variants.candidate("p50c4")
+    assert [name for name, _ in cand.steps] == ["prune-weights", "cluster-weights"]
+    assert cand.steps[0][1]["sparsity"] == 0.5 and cand.steps[1][1]["bits"] == 4
+    with pytest.raises(Exception, match="unknown auto candidate"):
+        variants.candidate("p5c4")

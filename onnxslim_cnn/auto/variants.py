@@ -6,8 +6,12 @@ the float model; the per-layer patches it offers (patches.py) are the candidate
 settings of the allocation. Candidates only use passes that store each layer's weight
 independently of the others, so patches of different variants combine freely.
 
-Known tags: ``int8`` (qdq-int8 weights-only: per-channel int8, Cast+Mul decode) and
-``c1``..``c8`` (cluster-weights, that many index bits, data-aware centroids).
+Known tags: ``int8`` (qdq-int8 weights-only: per-channel int8, Cast+Mul decode),
+``c1``..``c8`` (cluster-weights, that many index bits, data-aware centroids) and
+``p<S>c<b>``, e.g. ``p50c4``: prune-weights at S % uniform sparsity (OBS mask and
+re-fit), then a b-bit codebook of the nonzeros stored sparse (1-bit mask + b-bit indices
+of the nonzeros: 1 + S/100 * b bits per weight); layers prune-weights leaves alone
+(the stem and the classifier) get the plain b-bit codebook.
 """
 
 from __future__ import annotations
@@ -53,7 +57,14 @@ def candidate(tag: str) -> Candidate:
         # the layers before them took the same candidate (they may not).
         return Candidate(tag, (("cluster-weights", {"bits": int(match.group(1)),
                                                     "sequential_fit": False}),))
-    raise UsageError(f"unknown auto candidate '{tag}' (known: int8, c1..c8)")
+    match = re.fullmatch(r"p([1-9][0-9])c([1-8])", tag)
+    if match:
+        prune = {"sparsity": int(match.group(1)) / 100, "allocation": "uniform",
+                 "sequential": False}
+        return Candidate(tag, (("prune-weights", prune),
+                               ("cluster-weights", {"bits": int(match.group(2)),
+                                                    "sequential_fit": False})))
+    raise UsageError(f"unknown auto candidate '{tag}' (known: int8, c1..c8, p10c1..p99c8)")
 
 
 def make_variant(base: onnx.ModelProto, cand: Candidate, options: dict[str, Any],

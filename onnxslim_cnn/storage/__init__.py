@@ -87,7 +87,13 @@ from .core import (
     replace_with,
 )
 from .integer import dequantize, encode_int, encode_int_values, int_values, quantize_symmetric
-from .sparse import best_sparse, encode_sparse, mark_sparse_initializer, to_sparse_initializers
+from .sparse import (
+    best_sparse,
+    encode_sparse,
+    is_sparse,
+    mark_sparse_initializer,
+    to_sparse_initializers,
+)
 
 __all__ = [
     "CodebookDecode",
@@ -105,6 +111,7 @@ __all__ = [
     "encode_int",
     "encode_int_values",
     "encode_sparse",
+    "is_sparse",
     "find_codebook",
     "int_values",
     "mark_sparse_initializer",

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from ..passes.base import taken_names, unique_name
 from .bits import _unpack
-from .core import SPARSE_TAG, Encoded, ValuesEncoder, _Builder, _require_opset
+from .core import DECODE_TAG, SPARSE_TAG, Encoded, ValuesEncoder, _Builder, _require_opset
 
 
 def encode_sparse(graph: gs.Graph, name: str, weight: np.ndarray,
@@ -41,6 +41,21 @@ def encode_sparse(graph: gs.Graph, name: str, weight: np.ndarray,
                  [nonzero.size + 1], axis=0)
     out = b.op("Gather", [table, grid], values.dtype, shape, axis=0)
     return b.finish(out, weight.nbytes, label, max(11, opset))
+
+
+def is_sparse(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is written by ``encode_sparse`` with raw values (no values
+    encoder): Gather(Concat([0], values constant), index), recognised by ``DECODE_TAG``."""
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return False
+    gather = tensor.inputs[0]
+    if gather.op != "Gather" or DECODE_TAG not in (gather.name or ""):
+        return False
+    table = gather.inputs[0]
+    concat = table.inputs[0] if isinstance(table, gs.Variable) and table.inputs else None
+    return concat is not None and concat.op == "Concat" and \
+        DECODE_TAG in (concat.name or "") and \
+        all(isinstance(t, gs.Constant) for t in concat.inputs)
 
 
 def _sparse_values(b: _Builder, nonzero, encoder):

@@ -104,15 +104,20 @@ class ClusterWeights(Pass):
                                     f"(known: {', '.join(kmeans.INITS)})")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        taken = taken_names(graph)
+        dense = sites.densify_sparse(graph, taken)
         found, declined = sites.find(graph)
         result = PassResult(changed=False)
         result.declined.update(declined)
-        if not found:
-            return result
+        if found:
+            self._run(graph, found, ctx, taken, result)
+        _sparse_again(graph, dense, taken)
+        return result
+
+    def _run(self, graph, found, ctx, taken, result: PassResult) -> None:
         start = time.perf_counter()
         grams = self._grams(graph, found, ctx)
         picks = self._choose(graph, found, grams, ctx)
-        taken = taken_names(graph)
         later = {}
         if self.options.sequential_fit and self.options.data_aware and grams:
             reference = gs.export_onnx(graph, do_type_check=False)
@@ -129,7 +134,6 @@ class ClusterWeights(Pass):
             self._sequential(graph, [s for s in found if s.key in later], later, reference,
                              ctx, taken, result)
         self._stats(result, time.perf_counter() - start)
-        return result
 
     def _sequential(self, graph, found, picks, reference, ctx, taken, result) -> None:
         """Cluster wave by wave on the partly clustered model's inputs (sequence.py)."""
@@ -272,6 +276,16 @@ class ClusterWeights(Pass):
             avg_bits=round(8 * after / max(weights, 1), 3),
             mean_refine_gain_db=round(float(np.mean(gains)) if gains else 0.0, 3),
             seconds=round(seconds, 3))
+
+
+def _sparse_again(graph: gs.Graph, dense: dict[str, np.ndarray], taken) -> None:
+    """The weights ``sites.densify_sparse`` made dense and nothing clustered: stored
+    sparse again, as prune-weights left them."""
+    for node in list(graph.nodes):
+        const = node.inputs[1] if len(node.inputs) > 1 else None
+        if isinstance(const, gs.Constant) and const.name in dense:
+            encoded = storage.encode_sparse(graph, const.name, dense[const.name], taken)
+            storage.replace_with(graph, const, encoded)
 
 
 def _dense_bytes(site: sites.Site) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import storage
+from ..base import replace_uses, unique_name
 from . import assign, kmeans, refine
 from .refine import ConvGeom
 
@@ -46,6 +47,9 @@ class Clustered:
     ``granularity`` (GRANULARITIES): ``tensor`` (R = 1), ``channel`` (R = O) or
     ``scaled``: one shared codebook (R = 1) times a per-channel ``scale`` [O], i.e.
     w'_o = scale_o * codebook[idx_o], for O + k floats instead of O * k.
+    ``zeros``: the site was pruned and index 0 is the exact-zero centroid; a per-tensor
+    codebook is then stored sparse when that is smaller (``sparse``): a 1-bit mask plus
+    the indices of the nonzeros only, n/8 + nnz*b/8 bytes instead of n*b/8.
     """
 
     bits: int
@@ -56,16 +60,25 @@ class Clustered:
     sqnr_kmeans_db: float
     refined: bool
     scale: np.ndarray | None = None
+    zeros: bool = False
 
     @property
     def per_channel(self) -> bool:
         return self.granularity == "channel"
 
     @property
+    def sparse(self) -> bool:
+        n = self.idx.size
+        return self.zeros and self.granularity == "tensor" and \
+            np.count_nonzero(self.idx) * self.bits + n < n * self.bits
+
+    @property
     def nbytes(self) -> int:
         # the per-channel decode also stores an int32 offset per channel
         channels = 0 if self.granularity == "tensor" else self.idx.shape[0]
-        return -(-self.idx.size * self.bits // 8) + self.codebook.size * 4 + 4 * channels
+        indices = -(-self.idx.size // 8) - (-np.count_nonzero(self.idx) * self.bits // 8) \
+            if self.sparse else -(-self.idx.size * self.bits // 8)
+        return int(indices) + self.codebook.size * 4 + 4 * channels
 
     def decoded(self) -> np.ndarray:
         """W2' [O, P] float64."""
@@ -89,6 +102,21 @@ def find(graph: gs.Graph) -> tuple[list[Site], dict[str, int]]:
         else:
             sites.append(site)
     return sites, declined
+
+
+def densify_sparse(graph: gs.Graph, taken: set[str]) -> dict[str, np.ndarray]:
+    """Give every Conv/Gemm/MatMul weight stored sparse by prune-weights a dense
+    constant again (so it is clustered with its zeros kept exact); returns {constant
+    name: its value}, for the ones that stay unclustered to be stored sparse again."""
+    found = [n.inputs[1] for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")
+             and len(n.inputs) > 1 and storage.is_sparse(n.inputs[1])]
+    dense = {}
+    for tensor, value in zip(found, storage.decoded_values(found, graph.opset), strict=True):
+        base = tensor.name.split(f"/{storage.DECODE_TAG}")[0]
+        const = gs.Constant(unique_name(taken, f"{base}_dense"), value)
+        replace_uses(tensor, const)
+        dense[const.name] = value
+    return dense
 
 
 def _site(node: gs.Node) -> Site | str:
@@ -179,7 +207,7 @@ def cluster(site: Site, bits: int, granularity: str, quad: refine.Quadratic,
     idx = idx.reshape(site.w2.shape)
     book = cent.astype(np.float32)
     base = quad.direct_sqnr_db(decode(idx, book, scale))
-    result = Clustered(bits, granularity, idx, book, base, base, False, scale)
+    result = Clustered(bits, granularity, idx, book, base, base, False, scale, site.pruned)
     if data_aware and quad.s is not None and k <= refine.MAX_K:
         _refine(result, quad, zero)
     return result
@@ -216,10 +244,14 @@ def decode(idx: np.ndarray, codebook: np.ndarray, scale: np.ndarray | None = Non
 def encode(graph: gs.Graph, name: str, site: Site, clustered: Clustered, taken: set[str]
            ) -> storage.Encoded:
     """``clustered`` stored as ``storage.encode_codebook`` nodes writing tensor ``name``:
-    indices in the weight's own shape, codebook [k] or [O, k], scales of ``scaled``."""
+    indices in the weight's own shape, codebook [k] or [O, k], scales of ``scaled``;
+    when ``clustered.sparse``, ``storage.encode_sparse`` with the nonzeros' indices."""
     idx = (clustered.idx.T if site.transposed else clustered.idx).reshape(
         site.const.values.shape)
     book = clustered.codebook if clustered.per_channel else clustered.codebook[0]
+    if clustered.sparse:
+        return storage.encode_sparse(graph, name, book[idx], taken,
+                                     storage.codebook_values(book, clustered.bits))
     layout = {} if clustered.granularity == "tensor" else {
         "per_channel_axis": site.axis, "channel_scale": clustered.scale}
     return storage.encode_codebook(graph, name, idx, book, clustered.bits, taken=taken,
