@@ -28,6 +28,13 @@ layer's measured network sensitivity (sensitivity.py). Output SQNR per layer,
 (``sqnr_kmeans_db``) and the result (``sqnr_db``); their mean difference is
 ``mean_refine_gain_db``.
 
+After prune-weights: a weight it stored sparse is decoded to a dense constant again
+(sites.densify_sparse), clustered with an exact 0 centroid for its zeros, and a
+per-tensor codebook is then stored sparse too (storage.encode_sparse with the codebook
+indices of the nonzeros as its values: n/8 + nnz * b/8 bytes instead of n * b/8, e.g.
+3 bits per weight at 50 % sparsity and 4 bits); a weight left unclustered is stored
+sparse again as prune-weights left it.
+
 Declines when: the weight is not a float32 constant, is shared by several nodes, the
 Conv is not 2-D or uses auto_pad, a Gemm uses transA, or the encoding would not make
 the file smaller (tiny tensors).
