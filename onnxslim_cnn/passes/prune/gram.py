@@ -203,12 +203,13 @@ def shrunk(h: np.ndarray | None) -> np.ndarray | None:
     row per image): masks and re-fits chosen on it exploit directions the calibration
     images happen not to span and do worse on other images (cluster-weights' refine.
     shrink). ``h`` has the ones row of a bias slot last; its corner is n.
+    A cross matrix X~p^T X~o (sequence.py) is shrunk alike, its mean part from the sums
+    of both sides, so that with X~p = X~o it stays equal to the shrunk H.
     """
     if h is None:
         return h
     n = np.maximum(h[:, -1, -1], 1.0)
-    sums = h[:, :-1, -1]
-    mean_part = sums[:, :, None] * sums[:, None, :] / n[:, None, None]
+    mean_part = h[:, :-1, -1][:, :, None] * h[:, -1, :-1][:, None, :] / n[:, None, None]
     out = h.copy()
     out[:, :-1, :-1] = refine.shrink(h[:, :-1, :-1] - mean_part, n) + mean_part
     return out

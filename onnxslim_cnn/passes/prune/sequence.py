@@ -64,7 +64,9 @@ def wave_grams(reference, working, layers: list[gram.Layer], batches: list[dict]
     finally:
         ref.close()
         work.close()
-    return {name: (hp[name], cross[name]) for name in hp}
+    slot = {layer.name: layer.has_bias_slot for layer in layers}
+    return {name: (gram.shrunk(hp[name]), gram.shrunk(cross[name])) if slot[name] else
+            (hp[name], cross[name]) for name in hp}
 
 
 def dense_target(hp: np.ndarray, cross: np.ndarray, w: np.ndarray) -> np.ndarray:
