@@ -122,6 +122,17 @@ def test_kmeans_lloyd_stops_at_a_fixed_point(init):
         assert kmeans.sse(v, kmeans.optimal_1d(v, 4)) <= kmeans.sse(v, cent) * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("init", kmeans.INITS)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_kmeans_unweighted_path_equals_unit_weights(init, rows):
+    # unweighted rows take the lean path (no weight array, positions as counts, a
+    # single row searched without keys): it must give the weighted path's centroids
+    v = np.random.default_rng(rows).standard_normal((rows, 5000))
+    lean = kmeans.kmeans_rows(v, 16, None, init, seed=2)
+    unit = kmeans.kmeans_rows(v, 16, np.ones_like(v), init, seed=2)
+    np.testing.assert_allclose(lean, unit, rtol=1e-12, atol=0)
+
+
 def test_kmeans_separated_clusters_found_exactly():
     rng = np.random.default_rng(2)
     v = np.concatenate([c + 0.01 * rng.standard_normal(20) for c in (-3.0, 0.5, 2.0, 7.0)])
