@@ -257,6 +257,14 @@ def test_manager_ordering_constraint_violated_raises_usage_error():
     assert len(build_pipeline(Config(passes=("test-after-fold-bn",)))) == 1
 
 
+def test_manager_compact_names_before_a_storage_pass_raises_usage_error():
+    # decode subgraphs are recognised by the storage tag compact-names removes
+    for late in ("fold-constants", "cluster-weights", "qdq-int8"):
+        with pytest.raises(UsageError, match=f"'compact-names' must run after {late}"):
+            build_pipeline(Config(passes=("compact-names", late)))
+    assert len(build_pipeline(Config(passes=("qdq-int8", "compact-names")))) == 2
+
+
 def test_manager_unknown_or_repeated_pass_raises_usage_error():
     with pytest.raises(UsageError, match="unknown pass 'no-such-pass'"):
         build_pipeline(Config(passes=("no-such-pass",)))

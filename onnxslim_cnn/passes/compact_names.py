@@ -35,6 +35,11 @@ class CompactNames(Pass):
     name = "compact-names"
     summary = "short internal tensor names, no node names; I/O names kept (lossless, opt-in)"
     lossless = True
+    # These recognise weight-decode subgraphs by the storage tag in their node names,
+    # which this pass drops: after it, fold-constants would fold a packed weight back to
+    # dense and qdq-int8 / cluster-weights would not see codebooks or sparse weights.
+    after = ("fold-constants", "prune-weights", "cluster-weights", "qdq-int8",
+             "auto-compress")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if any(isinstance(v, gs.Graph) for n in graph.nodes for v in _attr_values(n)):
