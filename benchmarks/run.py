@@ -62,6 +62,9 @@ TOOLS: dict[str, Tool] = {
     # A fixed setting is measured, not gated: the budget is opened so the row shows
     # what the setting costs (with the default budget a lossy pass is rolled back).
     "ours-prune50": ours(f"fold-bn,prune-weights,{NAMES}", "--sparsity", "0.5", *OPEN_BUDGET),
+    # Per-layer sparsity from each layer's measured model-output error (slower).
+    "ours-prune50-net": ours(f"fold-bn,prune-weights,{NAMES}", "--sparsity", "0.5",
+                             "--allocation", "network", *OPEN_BUDGET),
     "ours-channels25": ours(f"fold-bn,prune-channels,{NAMES}", "--channel-ratio", "0.25",
                             *OPEN_BUDGET),
     # svd-split picks ranks from the budget itself (an opened budget lets it factor

@@ -177,8 +177,10 @@ def _pass_options(g) -> None:
                    "(default all three)")
     g.add_argument("--prune-first-last", action="store_true", default=None,
                    help="prune-weights: also prune the first conv and the classifier")
-    g.add_argument("--allocation", choices=("sensitivity", "uniform"), help="prune-weights:"
-                   " per-layer sparsity from measured sensitivity (default) or uniform")
+    g.add_argument("--allocation", choices=("sensitivity", "network", "uniform"),
+                   help="prune-weights: per-layer sparsity from measured sensitivity "
+                   "(default), from the model-output error of each layer pruned alone at "
+                   "7 levels (network: slower), or uniform")
     g.add_argument("--prune-score", dest="score", choices=("activation", "magnitude"),
                    help="prune-weights: rank by |w| (default) or |w|*input RMS")
     g.add_argument("--prune-recovery", dest="recovery", choices=("on", "off"),

@@ -8,9 +8,13 @@ import onnxruntime as ort
 import pytest
 
 from onnxslim_cnn import Budget, Config, DataConfig, compress
-from onnxslim_cnn.passes.base import PassContext
+from onnxslim_cnn.passes.base import PassContext, PassResult
 from onnxslim_cnn.passes.prune import allocate, gram, obs, reach, recover, sequence
-from onnxslim_cnn.passes.prune.weights import PruneWeights, PruneWeightsOptions
+from onnxslim_cnn.passes.prune.weights import (
+    PruneWeights,
+    PruneWeightsOptions,
+    select_layers,
+)
 
 from .helpers import SHARED_MODELS, apply_pass, gs, make_model, op_counts, rand, run
 
@@ -134,6 +138,29 @@ def test_prune_weights_sensitivity_meets_target_over_layers():
     assert len({r["sparsity"] for r in result.layers}) > 1  # not uniform
     assert result.stats["sparsity"] >= 0.5
     assert out.ByteSize() < cnn().ByteSize()
+
+
+def test_prune_weights_network_allocation_meets_target_and_curves_show_obs_gain():
+    model, batches = cnn(), calib(2)
+    out, result = apply_pass(PruneWeights, model, {"sparsity": 0.5, "allocation": "network"},
+                             PassContext(calib=batches))
+    pruned = sum(r["params"] * r["sparsity"] for r in result.layers)
+    assert 0.5 <= pruned / sum(r["params"] for r in result.layers) <= 0.55
+    assert len({r["sparsity"] for r in result.layers}) > 1  # not uniform
+    # the curves: 0 at s = 0, growing, and below plain masking's network error (the OBS
+    # update, weight and bias, reaches the probe model)
+    layers = select_layers(gs.import_onnx(model), PruneWeightsOptions(), PassResult(False))
+    grams = gram.collect_grams(model, layers, batches)
+    curves = reach.network_curves(model, layers, grams, batches)
+    at = int(np.argmin(np.abs(allocate.GRID - 0.5)))
+    reference = reach._outputs(model, batches)
+    found = {init.name: i for i, init in enumerate(model.graph.initializer)}
+    for layer, curve in zip(layers, curves, strict=True):
+        assert curve[0] == 0 and np.all(curve >= 0) and curve[-1] > curve[4]
+        keep = layer.unmatrix(allocate.keep_mask(np.abs(layer.matrix()), 0.5))
+        masked = reach._with_initializer(model, found[layer.node.inputs[1].name],
+                                         np.where(keep, layer.weight, 0))
+        assert curve[at] < reach._relative_error(reach._outputs(masked, batches), reference)
 
 
 def test_prune_weights_threshold_and_conv_only():

@@ -15,8 +15,10 @@ target is the fraction of *their* weights set to zero.
 s_l: ``threshold`` drops |w| < t; else ``sparsity`` everywhere (``uniform``) or from
 measured sensitivity (``sensitivity``, allocate.py: per layer the relative output error
 of masking s_l of its lowest-|w| weights on the calibration data, weighted by how much
-of it reaches the model output, reach.py) with the parameter-weighted average of
-s_l >= ``sparsity``.
+of it reaches the model output, reach.py; ``network``: the model-output error with only
+that layer OBS-pruned to s_l, measured at 7 levels, reach.network_curves: slower, and on
+EfficientNet-Lite0 at 50 % top-1 -6.7 instead of -9.3) with the parameter-weighted
+average of s_l >= ``sparsity``.
 Which weights and recovery (``prune_method``, recover.py): ``obs`` (default) chooses the
 mask by the OBS saliency and compensates with the inverse Gram matrix (SparseGPT,
 obs.py), then re-fits the kept weights jointly; ``refit`` masks by ``score`` (|w|, or
@@ -51,6 +53,7 @@ from . import allocate, gram, reach, recover, sequence
 
 OPS = {"conv": "Conv", "gemm": "Gemm", "matmul": "MatMul"}
 METHODS = ("obs", "refit")
+ALLOCATIONS = ("sensitivity", "network", "uniform")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class PruneWeights(Pass):
             raise PreconditionError(f"--sparsity must be in [0, 1), got {o.sparsity}")
         if o.threshold is not None and o.threshold < 0:
             raise PreconditionError(f"--threshold must be 0 or more, got {o.threshold}")
-        if o.allocation not in ("sensitivity", "uniform") or o.prune_method not in METHODS or \
+        if o.allocation not in ALLOCATIONS or o.prune_method not in METHODS or \
                 o.score not in ("magnitude", "activation"):
             raise PreconditionError(f"unknown allocation '{o.allocation}', score "
                                     f"'{o.score}' or method '{o.prune_method}'")
@@ -119,7 +122,7 @@ class PruneWeights(Pass):
     def _grams(self, model, layers, ctx: PassContext) -> dict[str, np.ndarray]:
         o = self.options
         wanted = o.recovery or o.score == "activation" or (
-            o.threshold is None and o.allocation == "sensitivity")
+            o.threshold is None and o.allocation != "uniform")
         if not ctx.calib or not wanted:
             return {}
         batches = subset(ctx.calib, o.refit_samples)
@@ -132,11 +135,14 @@ class PruneWeights(Pass):
         target = 0.5 if o.sparsity is None else o.sparsity
         if o.allocation == "uniform" or len(grams) < len(layers):
             return [target] * len(layers)
-        errors = [recover.error_curve(layer, grams[layer.name], o) for layer in layers]
-        scores = [recover.score(layer, grams[layer.name], o) for layer in layers]
-        gains = reach.reach(reference, layers, errors, scores,
-                            subset(ctx.calib, reach.REACH_SAMPLES))
-        errors = [g * e for g, e in zip(gains, errors, strict=True)]
+        probes = subset(ctx.calib, reach.REACH_SAMPLES)
+        if o.allocation == "network" and recover.uses_obs(o):
+            errors = reach.network_curves(reference, layers, grams, probes, ctx.progress)
+        else:
+            errors = [recover.error_curve(layer, grams[layer.name], o) for layer in layers]
+            scores = [recover.score(layer, grams[layer.name], o) for layer in layers]
+            gains = reach.reach(reference, layers, errors, scores, probes)
+            errors = [g * e for g, e in zip(gains, errors, strict=True)]
         levels, met = allocate.allocate(errors, [layer.weight.size for layer in layers],
                                         target)
         if not met:
