@@ -162,7 +162,7 @@ class _Keys:
             self.span = np.maximum(v[:, -1:] - self.lo, 1e-30) * (1 + 1e-9)
             self.offset = np.arange(rows)[:, None] * n
             self.flat = (self._key(v) + np.arange(rows)[:, None]).reshape(-1)
-        self.sums = _prefix(v if w is None else w * v)
+        self.sums = _prefix(v, w)
         self.counts = None if w is None else _prefix(w)
         self.square = np.einsum("rn,rn->r", v, v) if w is None else \
             np.einsum("rn,rn,rn->r", w, v, v)
@@ -202,10 +202,16 @@ class _Keys:
         return np.clip(cent, *self.ends)
 
 
-def _prefix(x: np.ndarray) -> np.ndarray:
-    """Flat [R * (n + 1)] per-row prefix sums with a leading 0, written in place."""
+def _prefix(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Flat [R * (n + 1)] per-row prefix sums of x (times w) with a leading 0, computed
+    in the output array (no temporary of the product)."""
     out = np.zeros((x.shape[0], x.shape[1] + 1))
-    np.cumsum(x, axis=1, out=out[:, 1:])
+    body = out[:, 1:]
+    if w is None:
+        np.cumsum(x, axis=1, out=body)
+    else:
+        np.multiply(w, x, out=body)
+        np.cumsum(body, axis=1, out=body)
     return out.reshape(-1)
 
 
