@@ -319,6 +319,29 @@ def test_conv_encoded_weight_folds_at_load_and_matches(name, tmp_path):
         assert not DECODE_OPS & set(ops), f"{level}: decode left in {ops}"
 
 
+def test_int8_float_decode_of_a_float16_weight_folds_at_load(tmp_path):
+    # onnxruntime has no float16 Mul on CPU: a float16 Cast+Mul decode would stay in the
+    # graph and run every inference; it decodes in float32 and casts at the end instead
+    weight = rand(SHAPE, 4).astype(np.float16)
+    got, _ = decode_alone(13, lambda g: storage.encode_int(g, gs.Constant("w", weight), 8, 0,
+                                                            decode="float"))
+    q, scale = storage.quantize_symmetric(weight, 8, 0)
+    # the scale is stored as float16 values (the weight's dtype), the product rounded once
+    want = q.astype(np.float32) * scale.astype(np.float16).astype(np.float32).reshape(
+        -1, 1, 1, 1)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want.astype(np.float16))  # tolerance 0
+    text = conv_text().replace("float[", "float16[")
+    graph = import_graph(make_model(text, {"w": weight}))
+    const = graph.tensors()["w"]
+    storage.replace_with(graph, const, storage.encode_int(graph, const, 8, 0, decode="float"))
+    model = export_graph(_cleaned(graph), make_model(text, {"w": weight}))
+    for level in LEVELS:
+        ops = optimized_ops(model, level, tmp_path)
+        assert "Mul" not in ops and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 1, \
+            (level, ops)
+
+
 @pytest.mark.parametrize("name", sorted(KEPT))
 def test_conv_lone_dequantize_is_kept_by_onnxruntime(name, tmp_path):
     # Measured, by design of onnxruntime: DequantizeLinear is never constant-folded
