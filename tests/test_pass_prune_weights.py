@@ -147,6 +147,10 @@ def test_prune_weights_network_allocation_meets_target_and_curves_show_obs_gain(
     pruned = sum(r["params"] * r["sparsity"] for r in result.layers)
     assert 0.5 <= pruned / sum(r["params"] for r in result.layers) <= 0.55
     assert len({r["sparsity"] for r in result.layers}) > 1  # not uniform
+    _, refit = apply_pass(PruneWeights, model, {"sparsity": 0.5, "allocation": "network",
+                                                "prune_method": "refit"},
+                          PassContext(calib=batches))
+    assert refit.declined["allocation network needs OBS recovery: sensitivity used"] == 1
     # the curves: 0 at s = 0, growing, and below plain masking's network error (the OBS
     # update, weight and bias, reaches the probe model)
     layers = select_layers(gs.import_onnx(model), PruneWeightsOptions(), PassResult(False))

@@ -55,7 +55,7 @@ def network_curves(model: onnx.ModelProto, layers: list[gram.Layer], grams: dict
     Where ``reach`` scales a layer's own error curve by one measurement at REACH_LEVEL
     (masking, no recovery), this measures what allocation trades: the network error of
     the pruning prune-weights will do, at every level. One forward of ``batches`` per
-    (layer, level): ~6x the run time of ``reach`` on EfficientNet-Lite0.
+    (layer, level): prune-weights takes ~5x as long on EfficientNet-Lite0.
     """
     reference = _outputs(model, batches)
     found = {init.name: i for i, init in enumerate(model.graph.initializer)}

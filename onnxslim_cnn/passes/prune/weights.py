@@ -140,6 +140,8 @@ class PruneWeights(Pass):
         if o.allocation == "network" and recover.uses_obs(o):
             errors = reach.network_curves(reference, layers, grams, probes, ctx.progress)
         else:
+            if o.allocation == "network":  # its curves are of OBS pruning
+                result.declined["allocation network needs OBS recovery: sensitivity used"] += 1
             errors = [recover.error_curve(layer, grams[layer.name], o) for layer in layers]
             scores = [recover.score(layer, grams[layer.name], o) for layer in layers]
             gains = reach.reach(reference, layers, errors, scores, probes)
