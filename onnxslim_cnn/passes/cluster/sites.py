@@ -68,17 +68,24 @@ class Clustered:
 
     @property
     def sparse(self) -> bool:
-        n = self.idx.size
-        return self.zeros and self.granularity == "tensor" and \
-            np.count_nonzero(self.idx) * self.bits + n < n * self.bits
+        return self._sparse_nonzeros() is not None
 
     @property
     def nbytes(self) -> int:
         # the per-channel decode also stores an int32 offset per channel
         channels = 0 if self.granularity == "tensor" else self.idx.shape[0]
-        indices = -(-self.idx.size // 8) - (-np.count_nonzero(self.idx) * self.bits // 8) \
-            if self.sparse else -(-self.idx.size * self.bits // 8)
-        return int(indices) + self.codebook.size * 4 + 4 * channels
+        nnz = self._sparse_nonzeros()
+        indices = -(-self.idx.size * self.bits // 8) if nnz is None else \
+            -(-self.idx.size // 8) - (-nnz * self.bits // 8)
+        return indices + self.codebook.size * 4 + 4 * channels
+
+    def _sparse_nonzeros(self) -> int | None:
+        """The nonzero count when the indices are stored sparse (mask + nonzeros' indices
+        take fewer bits than all indices), else None."""
+        if not self.zeros or self.granularity != "tensor":
+            return None
+        n, nnz = self.idx.size, int(np.count_nonzero(self.idx))
+        return nnz if nnz * self.bits + n < n * self.bits else None
 
     def decoded(self) -> np.ndarray:
         """W2' [O, P] float64."""

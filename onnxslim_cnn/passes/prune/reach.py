@@ -77,12 +77,11 @@ def network_curves(model: onnx.ModelProto, layers: list[gram.Layer], grams: dict
 def _pruned_probe(model, found: dict[str, int], layer: gram.Layer, new: np.ndarray, k: int
                   ) -> onnx.ModelProto:
     """``model`` with the layer's weight (and bias initializer, if any) from rows ``new``."""
-    probe = _with_initializer(model, found[layer.node.inputs[1].name],
-                              layer.unmatrix(new[:, :, :k]))
+    values = {found[layer.node.inputs[1].name]: layer.unmatrix(new[:, :, :k])}
     bias = layer.node.inputs[2].name if layer.bias is not None else None
     if bias in found:
-        probe = _with_initializer(probe, found[bias], new[:, :, k].reshape(-1))
-    return probe
+        values[found[bias]] = new[:, :, k].reshape(-1)
+    return _with_initializers(model, values)
 
 
 def _outputs(model: onnx.ModelProto, batches: list[dict]) -> list[np.ndarray]:
@@ -97,11 +96,19 @@ def _outputs(model: onnx.ModelProto, batches: list[dict]) -> list[np.ndarray]:
 
 def _with_initializer(model: onnx.ModelProto, index: int, value: np.ndarray
                       ) -> onnx.ModelProto:
+    return _with_initializers(model, {index: value})
+
+
+def _with_initializers(model: onnx.ModelProto, values: dict[int, np.ndarray]
+                       ) -> onnx.ModelProto:
+    """A copy of ``model`` (one copy) whose initializers at the given indices hold
+    ``values`` as float32."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    name = probe.graph.initializer[index].name
-    probe.graph.initializer[index].CopyFrom(numpy_helper.from_array(
-        value.astype(np.float32), name))
+    for index, value in values.items():
+        name = probe.graph.initializer[index].name
+        probe.graph.initializer[index].CopyFrom(numpy_helper.from_array(
+            value.astype(np.float32), name))
     return probe
 
 
