@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
@@ -80,6 +81,25 @@ def versions() -> dict:
     return found
 
 
+# Files a benchmark run writes into the repo: they never make the measured code "dirty".
+OUTPUTS = ("benchmarks/results.json", "benchmarks/RESULTS.md", "benchmarks/plots")
+
+
+def commit(root: Path) -> str | None:
+    """The git commit the code of ``root`` is at (short hash, "+dirty" when tracked files
+    other than the benchmark outputs differ from it); None outside a git checkout."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        diff = git("diff", "--quiet", "HEAD", "--", ".", *(f":(exclude){o}" for o in OUTPUTS))
+    except OSError:  # no git on this machine
+        return None
+    return head.stdout.strip() + ("+dirty" if diff.returncode != 0 else "")
+
+
 def write_json(results: dict, out: Path) -> Path:
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -106,17 +126,22 @@ def _header(results: dict) -> list[str]:
         "this file, `results.json` and `plots/`.", ""]
     if len(meta.get("runs") or ()) > 1:
         lines += ["- Merged from these runs (each model says which it comes from):"]
-        lines += [f"  {i + 1}. `{r['command']}` — {r['date']} UTC, {_machine_text(r['machine'])}"
-                  for i, r in enumerate(meta["runs"])]
+        lines += [f"  {i + 1}. `{r['command']}` — {r['date']} UTC{_commit_text(r)}, "
+                  f"{_machine_text(r['machine'])}" for i, r in enumerate(meta["runs"])]
     else:
         lines += [f"- Command: `{meta['command']}`",
-                  f"- Date (UTC): {meta['date']}; mode: {'quick' if meta['quick'] else 'full'}",
+                  f"- Date (UTC): {meta['date']}{_commit_text(meta)}; "
+                  f"mode: {'quick' if meta['quick'] else 'full'}",
                   f"- Machine: {_machine_text(mach)}"]
     return lines + [
         f"- Versions: {installed}; not installed: {missing}",
         f"- Latency: batch 1, CPU EP, ORT_ENABLE_ALL, no thread spinning, {meta['timing']}",
         "", _LEGEND, "",
     ]
+
+
+def _commit_text(meta: dict) -> str:
+    return f", commit {meta['commit']}" if meta.get("commit") else ""
 
 
 def _machine_text(mach: dict) -> str:

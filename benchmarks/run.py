@@ -1,12 +1,13 @@
 """Benchmark onnxslim_cnn against peer compressors on real models, side by side.
 
     python benchmarks/run.py [--models m1,m2] [--tools t1,t2] [--quick]
-                             [--calib-count N] [--val-count N] [--out DIR]
+                             [--calib-count N] [--val-count N] [--out DIR] [--resume]
 
 For each model × tool: run the tool as a child process (time, peak memory), then measure
 its model against the fp32 original (size, accuracy on held-out images, latency, int8
 kernels; see ``measure.py``). Writes ``results.json``, ``RESULTS.md`` and
-``plots/<model>.png`` into ``--out`` (default: this folder).
+``plots/<model>.png`` into ``--out`` (default: this folder), again after every model, so
+an interrupted full run keeps what it measured and ``--resume`` goes on from there.
 
 Adding a tool configuration is one line in ``TOOLS``. An onnxslim_cnn entry whose passes
 are not registered yet, or a peer whose package is not installed, gives a skipped row
@@ -92,12 +93,16 @@ TOOLS: dict[str, Tool] = {
 LIGHT_DEFAULT = ("light_squeezenet", "light_shufflenet", "light_resnet50",
                  "light_inception_v1", "light_densenet121")
 QUICK_MODELS = ("resnet8_cifar10_mlperf_tiny", "mnist8_cntk", "light_squeezenet")
+# Light models have generated weights and no data: only size and latency mean something,
+# so by default they get the presets, one codebook width and the peers, not every setting.
+LIGHT_TOOLS = ("fp32", "ours-lossless", "ours-safe", "ours-int8", "ours-cluster4",
+               "ort-static-minmax", "ort-dynamic", "onnxslim", "nncf")
 
 
 @dataclass(frozen=True)
 class Settings:
     models: tuple[str, ...]
-    tools: tuple[str, ...]
+    tools: tuple[str, ...] | None  # None: every tool, LIGHT_TOOLS on light models
     calib_count: int
     val_count: int
     gate_count: int
@@ -110,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated: shared model folders, light_<arch> "
                    "names or .onnx paths (default: every shared model and a few light ones)")
-    p.add_argument("--tools", help=f"comma-separated, from: {', '.join(TOOLS)} (default all)")
+    p.add_argument("--tools", help=f"comma-separated, from: {', '.join(TOOLS)} (default all; "
+                   f"on light models {', '.join(LIGHT_TOOLS)})")
     p.add_argument("--quick", action="store_true", help="few models, few images, few runs")
     p.add_argument("--calib-count", type=int, help="calibration images (default 100; quick 20)")
     p.add_argument("--val-count", type=int, help="validation images (default 300; quick 50)")
@@ -122,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--render", help="comma-separated results.json files of earlier runs: "
                    "merge them (rows per model, commands listed) and rewrite RESULTS.md, "
                    "results.json and plots without measuring anything")
+    p.add_argument("--resume", action="store_true", help="keep the models already measured "
+                   "in --out's results.json by the same command at the same commit, measure "
+                   "the others")
     return p
 
 
@@ -129,8 +138,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """Resolve defaults (quick or full) and check the names given."""
     quick = args.quick
     models = _split(args.models) or (QUICK_MODELS if quick else _default_models())
-    tools = _split(args.tools) or tuple(TOOLS)
-    unknown = [t for t in tools if t not in TOOLS]
+    tools = _split(args.tools) or None
+    unknown = [t for t in tools or () if t not in TOOLS]
     if unknown:
         raise SystemExit(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(TOOLS)}")
     runs = args.latency_runs or (8 if quick else 30)
@@ -161,7 +170,7 @@ def bench_model(name: str, settings: Settings, registered: set[str], work: Path)
                                     settings.gate_count),
               sources.save_calibration(data, work / "calibration.npz"), settings.timeout)
     rows = []
-    for tool in settings.tools:
+    for tool in tools_for(settings, source.kind):
         print(f"[bench] {name}: {tool}", file=sys.stderr, flush=True)
         rows.append(bench_tool(tool, run_tool(tool, TOOLS[tool], job, registered), ref,
                                settings.timing))
@@ -171,6 +180,11 @@ def bench_model(name: str, settings: Settings, registered: set[str], work: Path)
             "calib_count": data.calib_count, "val_count": data.val_count,
             "gate_count": settings.gate_count if source.data else 0, "top1_fp32": top1,
             "rows": rows}
+
+
+def tools_for(settings: Settings, kind: str) -> tuple[str, ...]:
+    """The tools run on a model of this kind (shared, light or file)."""
+    return settings.tools or (LIGHT_TOOLS if kind == "light" else tuple(TOOLS))
 
 
 def _shown(path: Path) -> str:
@@ -204,13 +218,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = settings_from(args)
     registered = registered_passes()
+    meta = _meta([a for a in argv if a != "--resume"], settings)
+    done: dict[str, dict] = {}
+    if args.resume:
+        meta, done = resumable(args.out / "results.json", meta)
+    models = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-bench-") as tmp:
-        models = [bench_model(name, settings, registered, Path(tmp) / f"m{i}")
-                  for i, name in enumerate(settings.models)]
-    results = {"meta": _meta(argv, settings), "models": models}
-    written = report.write_all(results, args.out)
+        for i, name in enumerate(settings.models):
+            if name in done:
+                print(f"[bench] {name}: kept from the interrupted run", file=sys.stderr)
+            models.append(done.get(name) or bench_model(name, settings, registered,
+                                                         Path(tmp) / f"m{i}"))
+            written = report.write_all({"meta": meta, "models": models}, args.out)
     print(f"[bench] wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
     return 0
+
+
+def resumable(path: Path, meta: dict) -> tuple[dict, dict[str, dict]]:
+    """(meta, measured models by name) of the run in ``path`` when it is this run: same
+    command, same clean commit; else (``meta``, nothing) and a line saying why."""
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"[bench] nothing to resume in {path}: measuring every model", file=sys.stderr)
+        return meta, {}
+    old = before.get("meta", {})
+    same = (old.get("command") == meta["command"] and old.get("commit") == meta["commit"]
+            and meta["commit"] and not meta["commit"].endswith("+dirty"))
+    if not same:
+        print(f"[bench] {path} is another run (command {old.get('command')!r}, commit "
+              f"{old.get('commit')}; this is {meta['commit']}, with clean code only): "
+              "measuring every model", file=sys.stderr)
+        return meta, {}
+    return old, {m["name"]: m for m in before.get("models", [])}
 
 
 def merge(runs: list[dict]) -> dict:
@@ -244,7 +284,7 @@ def merge(runs: list[dict]) -> dict:
     used = sorted({i for m in models.values() for i in m["runs"]})
     meta = dict(metas[used[-1]]) if used else dict(metas[0])
     meta["command"] = " ; ".join(dict.fromkeys(metas[i]["command"] for i in used))
-    meta["runs"] = [{k: metas[i].get(k) for k in ("command", "date", "machine")}
+    meta["runs"] = [{k: metas[i].get(k) for k in ("command", "date", "commit", "machine")}
                     for i in used]
     renumber = {old: new for new, old in enumerate(used)}
     for model in models.values():
@@ -264,7 +304,8 @@ def _meta(argv: list[str], settings: Settings) -> dict:
             "timing": (f"{settings.timing.runs} timed rounds after {settings.timing.warmup} "
                        f"warm-up, threads {settings.timing.threads}"),
             "tools": {name: TOOLS[name].kind + " " + " ".join(TOOLS[name].args)
-                      for name in settings.tools},
+                      for name in settings.tools or TOOLS},
+            "commit": report.commit(sources.ROOT),
             "machine": report.machine(), "versions": report.versions()}
 
 

@@ -218,3 +218,72 @@ def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
     # ours calibrates on the same 6 samples and validates on exactly the 12 gate samples
     assert args[args.index("--calib-count") + 1] == "6"
     assert args[args.index("--val-count") + 1] == "12"
+
+
+def test_benchmarks_resume_keeps_the_models_of_the_same_run_only(tmp_path, monkeypatch):
+    from benchmarks import report, run
+
+    measured: list[str] = []
+    interrupt = {"b"}  # the first run stops before this model
+    commit = ["abc1234"]
+
+    def bench(name, settings, registered, work):
+        if name in interrupt:
+            raise KeyboardInterrupt
+        measured.append(name)
+        return {"name": name, "rows": [], "order": len(measured)}
+
+    def write_all(results, out):  # the tables need real rows: keep the json only
+        out.mkdir(parents=True, exist_ok=True)
+        return {"json": report.write_json(results, out)}
+
+    monkeypatch.setattr(run, "bench_model", bench)
+    monkeypatch.setattr(run.report, "write_all", write_all)
+    monkeypatch.setattr(run.report, "commit", lambda root: commit[0])
+
+    def main(models, *extra):
+        measured.clear()
+        run.main(["--models", models, "--out", str(tmp_path), *extra])
+        return json.loads((tmp_path / "results.json").read_text())
+
+    with pytest.raises(KeyboardInterrupt):
+        main("a,b")
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert [m["name"] for m in kept["models"]] == ["a"]  # written after every model
+    assert kept["meta"]["commit"] == "abc1234"
+    interrupt.clear()
+    # the same command at the same commit: "a" is kept, only the rest is measured
+    resumed = main("a,b", "--resume")
+    assert measured == ["b"] and [m["name"] for m in resumed["models"]] == ["a", "b"]
+    assert resumed["models"][0] == kept["models"][0] and resumed["meta"] == kept["meta"]
+    assert "--resume" not in resumed["meta"]["command"]
+    # another commit, uncommitted code or another command: everything is measured again
+    commit[0] = "def5678"
+    assert main("a,b", "--resume") and measured == ["a", "b"]
+    commit[0] = "def5678+dirty"
+    assert main("a,b", "--resume") and measured == ["a", "b"]
+    assert main("a,b", "--resume") and measured == ["a", "b"]  # dirty code never resumes
+    commit[0] = "def5678"
+    assert main("b,a", "--resume") and measured == ["b", "a"]
+
+
+def test_benchmarks_commit_is_the_checkout_and_says_when_code_differs(tmp_path):
+    from benchmarks import report
+
+    if report.commit(ROOT) is None:
+        pytest.skip("not a git checkout")
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("old\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = report.commit(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("new\n")  # a run's own output
+    assert report.commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert report.commit(tmp_path) == clean + "+dirty"
+    assert report.commit(tmp_path.parent / "nowhere") is None
