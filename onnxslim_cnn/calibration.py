@@ -120,19 +120,21 @@ def load_dataset(config, model: onnx.ModelProto, model_path: Path | None = None)
     path = Path(config.path)
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder")
-    arrays, labels, source = _read_samples(path, specs, config, model_path, rng)
-    return _split(specs, arrays, labels, config, rng, source)
+    arrays, labels, source, ordered = _read_samples(path, specs, config, model_path, rng)
+    return _split(specs, arrays, labels, config, None if ordered else rng, source)
 
 
 def _read_samples(path, specs, config, model_path, rng):
+    """(arrays, labels, source, ordered); ordered: the samples already come in the seeded
+    split order (an image folder reads only the files it needs, in that order)."""
     if path.suffix == ".npy":
-        return _read_npy(path, specs), None, str(path)
+        return _read_npy(path, specs), None, str(path), False
     if path.suffix == ".npz":
-        return _read_npz(path, specs)
+        return (*_read_npz(path, specs), False)
     if path.is_dir() and _idx_files(path)[0] is not None:
-        return _read_idx(path, specs, config, model_path)
+        return (*_read_idx(path, specs, config, model_path), False)
     if path.is_dir():
-        return _read_images(path, specs, config, model_path, rng)
+        return (*_read_images(path, specs, config, model_path, rng), True)
     raise DataError(f"--data {path}: expected an image folder, an IDX folder, .npy or .npz")
 
 
@@ -196,7 +198,14 @@ def _batches(specs: list[InputSpec], arrays: dict[str, np.ndarray]) -> list[dict
 
 
 def _split(specs, arrays, labels, config, rng, source) -> Dataset:
-    """Disjoint calibration and validation sets from one seeded permutation."""
+    """Disjoint calibration and validation sets from one seeded permutation of the
+    samples (``rng`` None: ``arrays`` already come in that order): calibration = its
+    first ``calib_count`` samples, validation = the next ``val_count``.
+
+    The split is prefix-stable: the same seed with other counts draws from the same
+    order. So a larger validation set extends a smaller one, and ``--check`` with
+    ``--calib-count`` = a run's calibration + validation counts measures only samples
+    that run never read."""
     total = _sample_count(arrays, labels, source)
     batch = specs[0].fixed_batch or 1
     if total < 2 * batch:
@@ -204,7 +213,7 @@ def _split(specs, arrays, labels, config, rng, source) -> Dataset:
                         "(calibration + validation)")
     if config.val_count is not None and config.val_count < 1:
         raise DataError("val_count must be at least 1")
-    order = rng.permutation(total)
+    order = np.arange(total) if rng is None else rng.permutation(total)
     n_cal = config.calib_count if total > config.calib_count else total // 2
     n_cal = max(batch, n_cal - n_cal % batch)
     n_val = total - n_cal if config.val_count is None else min(total - n_cal, config.val_count)
@@ -338,7 +347,7 @@ def _read_images(path, specs, config, model_path, rng):
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     prep = load_preproc(config, model_path, str(path))
     wanted = config.calib_count + (config.val_count if config.val_count is not None else len(files))
-    files = [files[i] for i in np.sort(rng.permutation(len(files))[:wanted])]
+    files = [files[i] for i in rng.permutation(len(files))[:wanted]]  # the split order
     spec = specs[0]
     images = _stack([preprocess(_open_image(f, spec), prep, spec) for f in files], files)
     label_array = None

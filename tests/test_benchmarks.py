@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,7 +202,11 @@ def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
 
 
 def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
+    import onnx
+
     from benchmarks import sources
+    from onnxslim_cnn.calibration import load_dataset
+    from onnxslim_cnn.config import DataConfig
 
     source = sources.resolve("resnet8_cifar10_mlperf_tiny", SHARED_MODELS) \
         if (SHARED_MODELS / "resnet8_cifar10_mlperf_tiny").is_dir() else None
@@ -214,10 +219,17 @@ def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
     joined = np.concatenate([b[name] for b in whole.val])
     np.testing.assert_array_equal(np.concatenate([b[name] for b in gated.val]), joined[12:])
     np.testing.assert_array_equal(gated.val_labels, whole.val_labels[12:])
+    # the data options given to onnxslim_cnn, read as its CLI reads them: it calibrates
+    # on the same 6 samples and validates on exactly the 12 gate samples
     args = sources.cli_data_args(source, 6, 20, gate_count=12)
-    # ours calibrates on the same 6 samples and validates on exactly the 12 gate samples
-    assert args[args.index("--calib-count") + 1] == "6"
-    assert args[args.index("--val-count") + 1] == "12"
+    opts = dict(zip(args[::2], args[1::2], strict=True))
+    config = DataConfig(path=Path(opts["--data"]), calib_count=int(opts["--calib-count"]),
+                        val_count=int(opts["--val-count"]), seed=int(opts["--seed"]))
+    ours = load_dataset(config, onnx.load(str(source.path)), source.path)
+    for got, want in ((ours.calib, whole.calib), (ours.val, whole.val)):
+        got = np.concatenate([b[name] for b in got])
+        np.testing.assert_array_equal(got, np.concatenate([b[name] for b in want])[:len(got)])
+    assert ours.val_count == 12
 
 
 def test_benchmarks_resume_keeps_the_models_of_the_same_run_only(tmp_path, monkeypatch):

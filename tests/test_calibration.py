@@ -270,6 +270,32 @@ def test_image_folder_without_labels_and_subsampled(tmp_path, rgb_model):
     assert ids(again.val) == ids(data.val)
 
 
+@pytest.mark.parametrize("kind", ["images", "npy"])
+def test_split_is_prefix_stable_so_check_can_skip_a_run(tmp_path, rgb_model, kind):
+    """Same seed, other counts: calibration is the same, validation extends, and
+    calibration count = a run's calibration + validation validates on unseen samples."""
+    model, model_path = rgb_model
+    if kind == "images":
+        write_images(tmp_path / "imgs", 24)
+        given = tmp_path / "imgs"
+    else:
+        given = tmp_path / "x.npy"
+        np.save(given, numbered(24, (3, 4, 4)) * 10)
+
+    def split(calib, val):
+        data = load_dataset(DataConfig(path=given, calib_count=calib, val_count=val, seed=5),
+                            model, model_path)
+        return ids(data.calib), ids(data.val)
+
+    calib, val = split(4, 6)
+    calib_more, val_more = split(4, 12)
+    assert calib_more == calib and val_more[:6] == val
+    run_read = set(calib) | set(val)
+    check_calib, check_val = split(10, 14)
+    assert set(check_calib) == run_read and not set(check_val) & run_read
+    assert len(check_val) == 14
+
+
 def test_image_folder_preproc_given_explicitly(tmp_path):
     write_images(tmp_path / "imgs", 4, size=(6, 6))
     spec = tmp_path / "my.json"
