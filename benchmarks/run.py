@@ -47,6 +47,9 @@ OPEN_BUDGET = ("--min-cosine", "0", "--max-top1-drop", "100")
 # Rows of single passes end with compact-names, as every preset does: on a small model
 # the long internal names of the decode subgraphs are a tenth of the file.
 NAMES = "compact-names"
+# ... and start with the folds every preset runs: a Caffe2 export's classifier weight is
+# Reshape(constant) until fold-constants, and the passes edit constants only.
+CLEAN = "fold-constants,fold-bn"
 # name -> configuration; ours(passes) = `python -m onnxslim_cnn in out --passes passes`,
 # peer(name, options) = benchmarks/peers.py. One line per configuration.
 TOOLS: dict[str, Tool] = {
@@ -62,26 +65,26 @@ TOOLS: dict[str, Tool] = {
     "ours-int8-kernels": ours(None, "--preset", "int8", "--latency-guard", "off"),
     # A fixed setting is measured, not gated: the budget is opened so the row shows
     # what the setting costs (with the default budget a lossy pass is rolled back).
-    "ours-prune50": ours(f"fold-bn,prune-weights,{NAMES}", "--sparsity", "0.5", *OPEN_BUDGET),
+    "ours-prune50": ours(f"{CLEAN},prune-weights,{NAMES}", "--sparsity", "0.5", *OPEN_BUDGET),
     # Per-layer sparsity from each layer's measured model-output error (slower).
-    "ours-prune50-net": ours(f"fold-bn,prune-weights,{NAMES}", "--sparsity", "0.5",
+    "ours-prune50-net": ours(f"{CLEAN},prune-weights,{NAMES}", "--sparsity", "0.5",
                              "--allocation", "network", *OPEN_BUDGET),
-    "ours-channels25": ours(f"fold-bn,prune-channels,{NAMES}", "--channel-ratio", "0.25",
+    "ours-channels25": ours(f"{CLEAN},prune-channels,{NAMES}", "--channel-ratio", "0.25",
                             *OPEN_BUDGET),
     # svd-split picks ranks from the budget itself (an opened budget lets it factor
     # anything), so its row keeps the default budget.
-    "ours-svd": ours(f"fold-bn,svd-split,{NAMES}"),
-    **{f"ours-cluster{bits}": ours(f"fold-bn,cluster-weights,{NAMES}", "--bits", str(bits),
+    "ours-svd": ours(f"{CLEAN},svd-split,{NAMES}"),
+    **{f"ours-cluster{bits}": ours(f"{CLEAN},cluster-weights,{NAMES}", "--bits", str(bits),
                                    *OPEN_BUDGET) for bits in (8, 6, 5, 4, 3)},
     # Mixed precision: bits per layer from measured sensitivity, 5 or 4 bits on average.
-    **{f"ours-cluster-avg{bits}": ours(f"fold-bn,cluster-weights,{NAMES}", "--avg-bits",
+    **{f"ours-cluster-avg{bits}": ours(f"{CLEAN},cluster-weights,{NAMES}", "--avg-bits",
                                        str(bits), *OPEN_BUDGET) for bits in (5, 4)},
     # Pruning and clustering composed: half the weights zero, 4-bit codebooks of the rest
     # stored sparse (1-bit mask + 4-bit indices of the nonzeros: ~3 bits per weight).
-    "ours-prune50-cluster4": ours(f"fold-bn,prune-weights,cluster-weights,{NAMES}",
+    "ours-prune50-cluster4": ours(f"{CLEAN},prune-weights,cluster-weights,{NAMES}",
                                   "--sparsity", "0.5", "--bits", "4", *OPEN_BUDGET),
     # The same codebooks in the int8 domain under static int8: int8 kernels, packed indices.
-    "ours-cluster-avg4-int8": ours(f"fold-bn,equalize,cluster-weights,qdq-int8,remove-dead,"
+    "ours-cluster-avg4-int8": ours(f"{CLEAN},equalize,cluster-weights,qdq-int8,remove-dead,"
                                    f"{NAMES}", "--avg-bits", "4", *OPEN_BUDGET),
     "ort-static-minmax": peer("ort-static", "--method", "minmax"),
     "ort-static-percentile": peer("ort-static", "--method", "percentile"),

@@ -155,6 +155,34 @@ def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def not_constant(tensor: gs.Tensor, what: str = "weight") -> str:
+    """Why ``tensor`` (read as a weight) is no constant, as a decline reason: a graph
+    input, an earlier pass's decode subgraph, constants a fold-constants pass would fold
+    (a Caffe2 export's Reshape of the classifier weight), or a run-time value."""
+    from ..storage.core import DECODE_TAG  # storage builds on this module
+
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None:
+        return f"{what} is a graph input, not a constant"
+    if DECODE_TAG in tensor.name:
+        return f"{what} is already encoded (decoded by {producer.op})"
+    if _from_constants(producer):
+        return f"{what} is computed from constants by {producer.op} (run fold-constants first)"
+    return f"{what} is computed at run time by {producer.op}"
+
+
+def _from_constants(node: gs.Node, depth: int = 16) -> bool:
+    """Whether every input of ``node`` comes from constants within ``depth`` nodes."""
+    if depth == 0:
+        return False
+    for tensor in node.inputs:
+        if isinstance(tensor, gs.Constant) or tensor.name == "":
+            continue
+        if not tensor.inputs or not _from_constants(tensor.inputs[0], depth - 1):
+            return False
+    return True
+
+
 def count(items: Iterable[Any]) -> int:
     return sum(1 for _ in items)
 

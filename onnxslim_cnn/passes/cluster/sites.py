@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import storage
-from ..base import replace_uses, unique_name
+from ..base import not_constant, replace_uses, unique_name
 from . import assign, kmeans, refine
 from .refine import ConvGeom
 
@@ -131,7 +131,7 @@ def _site(node: gs.Node) -> Site | str:
         return "no weight input"
     const = node.inputs[1]
     if not isinstance(const, gs.Constant):
-        return "weight is not a constant (already encoded?)"
+        return not_constant(const)
     w = np.asarray(const.values)
     if w.dtype != np.float32:
         return "weight is not float32"

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ... import validate
-from ..base import const_value
+from ..base import const_value, not_constant
 from ..cluster import refine
 from ..qdq.calibrate import with_outputs
 
@@ -81,8 +81,10 @@ class Layer:
 def layer_of(node: gs.Node) -> Layer | str:
     """The Layer view of ``node`` or the reason it has none."""
     weight = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if node.op not in ("Conv", "Gemm", "MatMul") or weight is None:
-        return "weight is not constant"
+    if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+        return "no weight input"
+    if weight is None:
+        return not_constant(node.inputs[1])
     if node.op == "Conv" and (weight.ndim != 4 or node.attrs.get("auto_pad", "NOTSET")
                               not in ("NOTSET", "VALID")):
         return "Conv is not 2-D with explicit pads"

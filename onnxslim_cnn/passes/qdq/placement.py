@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import storage
-from ..base import const_value
+from ..base import const_value, not_constant
 
 # Ops whose output has exactly the values of (a subset of) their input: same params.
 SAME_PARAMS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze",
@@ -142,7 +142,7 @@ def _weight(tensor: gs.Tensor, weights_only: bool):
 def _conv(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
     weight = _weight(node.inputs[1], weights_only)
     if weight is None:
-        return "Conv weight is not constant"
+        return not_constant(node.inputs[1], "Conv weight")
     if not weights_only and not _activation_ok(node.inputs[0]):
         return "Conv input is not float32"
     group = int(node.attrs.get("group", 1))
@@ -161,8 +161,10 @@ def _conv(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
 
 def _gemm(node: gs.Node, plan: Plan, weights_only: bool) -> str | None:
     weight = _weight(node.inputs[1], weights_only)
-    if weight is None or len(weight[0]) != 2:
-        return f"{node.op} weight is not a constant matrix"
+    if weight is None:
+        return not_constant(node.inputs[1], f"{node.op} weight")
+    if len(weight[0]) != 2:
+        return f"{node.op} weight is not a matrix"
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or
                               float(node.attrs.get("alpha", 1.0)) != 1.0):
         return "Gemm with transA or alpha != 1"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..base import const_value
+from ..base import const_value, not_constant
 
 
 @dataclass
@@ -84,7 +84,7 @@ def find_site(node: gs.Node) -> Site | str:
     """The Site of ``node`` or the reason it cannot be factorised."""
     weight = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None:
-        return "weight is not constant"
+        return not_constant(node.inputs[1]) if len(node.inputs) > 1 else "no weight input"
     if not np.issubdtype(weight.dtype, np.floating):
         return "weight is not floating point"
     return {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}[node.op](node, weight)
