@@ -299,3 +299,20 @@ def test_benchmarks_commit_is_the_checkout_and_says_when_code_differs(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert report.commit(tmp_path) == clean + "+dirty"
     assert report.commit(tmp_path.parent / "nowhere") is None
+
+
+def test_readme_result_tables_are_written_from_the_committed_results():
+    from benchmarks import readme
+
+    text = readme.README.read_text()
+    assert all(f"<!-- results:{name} -->" in text for name in readme.TABLES)
+    results = json.loads(readme.RESULTS.read_text())
+    assert readme.render(text, results) == text, "run python benchmarks/readme.py"
+    # the tables follow the results: another figure in results.json changes the README
+    for model in results["models"]:
+        for row in model["rows"]:
+            if row["tool"] == "ours-int8" and row.get("size_ratio"):
+                row["size_ratio"] = 0.123456
+    assert "| 0.123 |" in readme.render(text, results)
+    with pytest.raises(SystemExit, match="unknown results table"):
+        readme.render("<!-- results:nope -->\n<!-- /results -->", results)
