@@ -94,7 +94,9 @@ def _validation_options(b) -> None:
                    "comparison (for models onnxruntime cannot run)")
     b.add_argument("--check", action="store_true", help="only compare OUTPUT (an existing "
                    "model) with INPUT on the data and print the metrics as JSON; exit 1 "
-                   "when outside the budget (--min-cosine, --max-top1-drop, ...)")
+                   "when outside the budget (--min-cosine, --max-top1-drop, ...). With the "
+                   "run's --seed and --calib-count = its calibration + validation counts, "
+                   "it measures only samples the run never read")
     b.add_argument("--force", action="store_true", help="write the result even if it "
                    "fails validation")
 
