@@ -11,6 +11,10 @@
   same round. Thread spinning is off for both sessions so that one session's idle
   workers do not steal the cores from the other's run.
 - Start-up: median wall time of creating a session from the file.
+- MACs: multiply-accumulates of the Conv/Gemm/MatMul nodes (and their QLinear/Integer
+  forms) of the file at batch 1, from onnx shape inference: output elements times the
+  reduced length (C_in/group * kh * kw, or K). Decode subgraphs are not counted (they
+  are folded at load); ``macs_ratio`` is against the original's.
 - int8 kernels: the model onnxruntime actually runs (written through
   ``SessionOptions.optimized_model_filepath`` at ORT_ENABLE_ALL), counting convolutions
   that run as int8 (QLinearConv, ConvInteger, com.microsoft QLinear*Conv) against those
@@ -137,6 +141,53 @@ def _conv_kind(op_type: str) -> str | None:
     return "float" if op_type in FLOAT_CONVS else None
 
 
+# op -> input index of the weight whose dims 1.. give the reduced length (Conv family),
+# or of the left operand whose last dim is it (MatMul family)
+CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+MATMUL_LEFT = {"MatMul": 0, "Gemm": 0, "MatMulInteger": 0, "QLinearMatMul": 0}
+
+
+def macs(path: Path, feed: dict[str, np.ndarray]) -> int | None:
+    """Multiply-accumulates of the model at ``path`` for inputs shaped like ``feed`` (see
+    the module docstring); None when shapes cannot be inferred for some layer."""
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]  # shapes of another batch size would be kept
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    for inp in model.graph.input:
+        if inp.name in feed:
+            dims = inp.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feed[inp.name].shape, strict=False):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # a model onnx cannot infer (custom domains): no figure
+        return None
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = [d.dim_value for d in dims]
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in CONV_WEIGHT:
+            weight = shapes.get(node.input[CONV_WEIGHT[node.op_type]])
+            reduced = None if weight is None else int(np.prod(weight[1:]))
+        elif node.op_type in MATMUL_LEFT:
+            left = shapes.get(node.input[0])
+            trans = node.op_type == "Gemm" and any(a.name == "transA" and a.i
+                                                   for a in node.attribute)
+            reduced = None if not left else left[0 if trans else -1]
+        else:
+            continue
+        out = shapes.get(node.output[0])
+        if reduced is None or out is None:
+            return None
+        total += int(np.prod(out)) * reduced
+    return total
+
+
 @dataclass
 class Reference:
     """The fp32 original and its outputs on the validation samples."""
@@ -145,11 +196,14 @@ class Reference:
     data: Dataset
     names: list[str]
     values: list[np.ndarray]
+    macs: int | None = None
 
     @classmethod
     def of(cls, path: Path, data: Dataset) -> Reference:
         sess = session(path, threads=2)
-        return cls(path, data, [o.name for o in sess.get_outputs()], outputs(sess, data.val))
+        ref = cls(path, data, [o.name for o in sess.get_outputs()], outputs(sess, data.val))
+        ref.macs = macs(path, ref.batch1)
+        return ref
 
     @property
     def batch1(self) -> dict:
@@ -165,4 +219,6 @@ def candidate(ref: Reference, path: Path, timing: Timing) -> dict:
                       for t in timing.threads}
     row["startup_ms"] = startup_ms(path, timing.startups)
     row.update(conv_kernels(path))
+    row["macs"] = macs(path, ref.batch1)
+    row["macs_ratio"] = row["macs"] / ref.macs if row["macs"] and ref.macs else None
     return row

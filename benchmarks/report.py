@@ -20,6 +20,7 @@ COLUMNS = (  # header, how to format a row
     ("size MB", lambda r: _num(r.get("size_bytes"), 1e-6, ".3f")),
     ("size ×", lambda r: _num(r.get("size_ratio"), 1, ".3f")),
     ("gzip MB", lambda r: _num(r.get("gzip_bytes"), 1e-6, ".3f")),
+    ("MACs ×", lambda r: _num(r.get("macs_ratio"), 1, ".3f")),
     ("Δtop-1 pts", lambda r: _num(r.get("delta_top1"), 1, "+.1f")),
     ("agree %", lambda r: _num(r.get("top1_agreement"), 100, ".1f")),
     ("max abs err", lambda r: _num(r.get("max_abs"), 1, ".3g")),
@@ -150,7 +151,9 @@ def _machine_text(mach: dict) -> str:
 
 
 _LEGEND = (
-    "How to read: `size ×` and `gzip` are against the fp32 file. Δtop-1 = top-1 of the tool's "
+    "How to read: `size ×` and `gzip` are against the fp32 file. `MACs ×`: multiply-"
+    "accumulates of the Conv/Gemm/MatMul layers at batch 1 against fp32's (structured "
+    "pruning and low-rank splits lower it; weight encodings do not). Δtop-1 = top-1 of the tool's "
     "model − top-1 of fp32 on the validation images, in points; `agree %` = images whose "
     "top-1 class matches fp32's. `max abs err` and `cosine` compare the outputs with fp32's. "
     "`latency ×` = median over runs of (tool's time / fp32's time in the same round), fp32 "

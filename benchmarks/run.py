@@ -96,10 +96,12 @@ TOOLS: dict[str, Tool] = {
 LIGHT_DEFAULT = ("light_squeezenet", "light_shufflenet", "light_resnet50",
                  "light_inception_v1", "light_densenet121")
 QUICK_MODELS = ("resnet8_cifar10_mlperf_tiny", "mnist8_cntk", "light_squeezenet")
-# Light models have generated weights and no data: only size and latency mean something,
-# so by default they get the presets, one codebook width and the peers, not every setting.
+# Light models have generated weights and no data: only size, MACs and latency mean
+# something, so by default they get the presets, one codebook width, the structural
+# passes (channels, low rank) and the peers, not every setting.
 LIGHT_TOOLS = ("fp32", "ours-lossless", "ours-safe", "ours-int8", "ours-cluster4",
-               "ort-static-minmax", "ort-dynamic", "onnxslim", "nncf")
+               "ours-channels25", "ours-svd", "ort-static-minmax", "ort-dynamic", "onnxslim",
+               "nncf")
 
 
 @dataclass(frozen=True)

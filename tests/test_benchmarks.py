@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from benchmarks import peers
@@ -96,6 +97,39 @@ def test_quick_run_lossless_tools_keep_outputs(quick_run):
     assert lossless["status"] == "ok"
     assert lossless["top1_agreement"] == 1.0 and lossless["cosine"] > 0.99999
     assert lossless["int8_convs"] == 0
+
+
+def test_quick_run_macs_follow_structure_not_encoding(quick_run):
+    """MACs × is 1 for the original and for weight encodings (int8, codebooks), below 1
+    where prune-channels removed channels (its MACs equal the pass's own count)."""
+    _, results, _ = quick_run
+    rows = _rows(results)
+    assert rows["fp32"]["macs"] > 0 and rows["fp32"]["macs_ratio"] == 1.0
+    for tool in ("ours-int8", "ours-cluster4", "ours-prune50"):
+        assert rows[tool]["macs_ratio"] == 1.0, tool
+    channels = rows["ours-channels25"]
+    assert channels["status"] == "ok" and 0.3 < channels["macs_ratio"] < 0.9
+
+
+def test_benchmarks_macs_count_convs_and_gemms(tmp_path):
+    """A Conv 3x3 (C_in 4 -> 8, 6x6 output, group 2) and a Gemm (K 8 -> 5): the counts by
+    hand, with the batch size of the feed (the file's dims are symbolic)."""
+    from benchmarks import measure
+    from tests.helpers import make_model, rand
+
+    m = make_model("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 5] y) {
+        c = Conv <group = 2> (x, w)
+        p = GlobalAveragePool (c)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, v)
+    }""", {"w": rand((8, 2, 3, 3), 0), "v": rand((5, 8), 1)})
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    conv = 3 * 8 * 6 * 6 * (2 * 3 * 3)
+    gemm = 3 * 5 * 8
+    assert measure.macs(path, {"x": np.zeros((3, 4, 8, 8), np.float32)}) == conv + gemm
 
 
 def test_quick_run_static_quantizer_runs_int8_convs(quick_run):
@@ -202,7 +236,6 @@ def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
 
 
 def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
-    import onnx
 
     from benchmarks import sources
     from onnxslim_cnn.calibration import load_dataset

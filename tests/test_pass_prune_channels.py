@@ -189,3 +189,40 @@ def test_prune_channels_recovery_lowers_error_on_unseen_data(sequential):
     err_fit = np.linalg.norm(run(fitted, feed)["y"] - ref)
     assert err_fit < 0.8 * err_plain
     assert weight_shapes(fitted) == weight_shapes(plain)
+
+
+@pytest.fixture(scope="module")
+def light_resnet50(tmp_path_factory):
+    from models import light
+
+    return light.materialize("resnet50", tmp_path_factory.mktemp("light"))
+
+
+@pytest.mark.parametrize("which", ["resnet8", "light_resnet50"])
+def test_prune_channels_real_resnets_equal_their_masked_original(which, request):
+    """25 % of the channels of the real ResNet-8 and of the onnx package's ResNet-50 (BN
+    folded first, as in the pipeline; recovery off): the pruned graph computes what the
+    masked original computes, and its convolutions are smaller."""
+    from onnxslim_cnn.passes.fold_bn import FoldBatchNorm
+
+    from .helpers import shared_model
+
+    if which == "resnet8":
+        model = onnx.load(str(shared_model("resnet8_cifar10_mlperf_tiny")))
+        shape = (2, 3, 32, 32)
+    else:
+        model = onnx.load(str(request.getfixturevalue("light_resnet50")))
+        shape = (1, 3, 224, 224)
+    model, _ = apply_pass(FoldBatchNorm, model, {})
+    out, result = apply_pass(PruneChannels, model, {"recovery": False, "channel_ratio": 0.25})
+    assert result.changed and result.stats["channels_removed"] > 0
+    name = next(i.name for i in model.graph.input
+                if i.name not in {t.name for t in model.graph.initializer})
+    feed = {name: rand(shape, 3)}
+    ref = run(masked_model(model, result), feed)
+    got = run(out, feed)
+    for key, value in ref.items():
+        scale = max(1.0, float(np.abs(value).max()))
+        np.testing.assert_allclose(got[key], value, rtol=RTOL, atol=ATOL * scale)
+    before, after = weight_shapes(model), weight_shapes(out)
+    assert sum(np.prod(s) for s in after.values()) < 0.8 * sum(np.prod(s) for s in before.values())
