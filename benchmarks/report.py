@@ -192,6 +192,11 @@ def _data_line(model: dict) -> str:
         text += f" fp32 top-1 on these: {100 * model['top1_fp32']:.1f} %."
     else:
         text += " No labels: size, output error and latency only."
+    if model.get("kind") == "light":
+        text += (" Its weights are generated (seeded, see models/light.py) and its inputs "
+                 "random: what a data-aware setting finds here (ranks, codebooks) says "
+                 "nothing of trained weights, whose activations are far less redundant; "
+                 "trust the structure, sizes of fixed settings and latency.")
     if model.get("runs") is not None and len(model["runs"]) >= 1:
         text += f" Measured in run {', '.join(str(i + 1) for i in model['runs'])}."
     return text
