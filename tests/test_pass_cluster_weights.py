@@ -318,6 +318,13 @@ def test_weights_that_are_no_constant_are_declined_with_their_origin():
     assert result.declined == {
         "weight is computed from constants by Reshape (run fold-constants first)": 1,
         "weight is a graph input, not a constant": 1}
+    # a weight a QDQ exporter stored as int8: encoded, not something to fold
+    dq = make_model(text.replace("w = Reshape (w_flat, shape)",
+                                 "w = DequantizeLinear (q, scale)"),
+                    {"q": np.ones((32, 64), np.int8), "scale": np.array(0.1, np.float32)})
+    _, result = apply_pass(ClusterWeights, dq, {"bits": 4})
+    assert "weight is stored encoded (decoded from constants by DequantizeLinear)" \
+        in result.declined
     from onnxslim_cnn.passes.fold_constants import FoldConstants
     folded, _ = apply_pass(FoldConstants, m, {})
     out, result = apply_pass(ClusterWeights, folded, {"bits": 4})

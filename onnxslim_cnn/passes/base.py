@@ -166,9 +166,17 @@ def not_constant(tensor: gs.Tensor, what: str = "weight") -> str:
         return f"{what} is a graph input, not a constant"
     if DECODE_TAG in tensor.name:
         return f"{what} is already encoded (decoded by {producer.op})"
-    if _from_constants(producer):
+    if not _from_constants(producer):
+        return f"{what} is computed at run time by {producer.op}"
+    if producer.op in LAYOUT_OPS:
         return f"{what} is computed from constants by {producer.op} (run fold-constants first)"
-    return f"{what} is computed at run time by {producer.op}"
+    # DequantizeLinear, Mul of a scale, Gather of a codebook: folding would store it
+    # wider, which fold-constants declines
+    return f"{what} is stored encoded (decoded from constants by {producer.op})"
+
+
+# Ops that only move values: fold-constants folds them into a constant of the same size.
+LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 
 
 def _from_constants(node: gs.Node, depth: int = 16) -> bool:
