@@ -296,16 +296,22 @@ def _per_sample_cosine(r: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
-def _accuracies(ref, cand, labels: np.ndarray) -> tuple[float | None, float | None]:
+def labelled_scores(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
+                    labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """[N, C] scores of the first output that ``labels`` index as classes, from ``ref``
+    and ``cand``; None when no output is such a classifier."""
     for name, value in ref.items():
         scores_r = classifier_scores(value)
-        if scores_r is None or scores_r.shape[1] <= int(labels.max()):
-            continue
-        scores_y = classifier_scores(cand[name])
-        acc_r = float(np.mean(scores_r.argmax(1) == labels))
-        acc_y = float(np.mean(scores_y.argmax(1) == labels))
-        return acc_r, acc_y
-    return None, None
+        if scores_r is not None and scores_r.shape[1] > int(labels.max()):
+            return scores_r, classifier_scores(cand[name])
+    return None
+
+
+def _accuracies(ref, cand, labels: np.ndarray) -> tuple[float | None, float | None]:
+    found = labelled_scores(ref, cand, labels)
+    if found is None:
+        return None, None
+    return tuple(float(np.mean(s.argmax(1) == labels)) for s in found)
 
 
 def check_lossless(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],

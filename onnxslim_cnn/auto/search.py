@@ -142,16 +142,14 @@ def top1_evidence(ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
                   labels: np.ndarray) -> tuple[float, float] | None:
     """(expected-accuracy drop, standard error of the top-1 drop), both in points, of the
     classifier output of ``out`` against ``ref``; None without such an output."""
-    for name, value in ref.items():
-        scores = validate.classifier_scores(value)
-        if scores is None or scores.shape[1] <= int(labels.max()):
-            continue
-        cand = validate.classifier_scores(out[name])
-        flips = np.count_nonzero((scores.argmax(1) == labels) != (cand.argmax(1) == labels))
-        expected = np.mean(_true_class_probability(scores, labels)
-                           - _true_class_probability(cand, labels))
-        return 100.0 * float(expected), 100.0 * float(np.sqrt(flips)) / len(labels)
-    return None
+    found = validate.labelled_scores(ref, out, labels)
+    if found is None:
+        return None
+    scores, cand = found
+    flips = np.count_nonzero((scores.argmax(1) == labels) != (cand.argmax(1) == labels))
+    expected = np.mean(_true_class_probability(scores, labels)
+                       - _true_class_probability(cand, labels))
+    return 100.0 * float(expected), 100.0 * float(np.sqrt(flips)) / len(labels)
 
 
 def _true_class_probability(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
