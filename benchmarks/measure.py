@@ -152,6 +152,9 @@ def macs(path: Path, feed: dict[str, np.ndarray]) -> int | None:
     the module docstring); None when shapes cannot be inferred for some layer."""
     model = onnx.load(str(path))
     del model.graph.value_info[:]  # shapes of another batch size would be kept
+    # below IR 4 onnx infers from initializers only when they are also graph inputs,
+    # which converted old models (onnxruntime's and NNCF's outputs of them) do not list
+    model.ir_version = max(model.ir_version, 4)
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")
     for inp in model.graph.input:
@@ -166,9 +169,9 @@ def macs(path: Path, feed: dict[str, np.ndarray]) -> int | None:
         return None
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        dims = info.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = [d.dim_value for d in dims]
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            shapes[info.name] = [d.dim_value for d in tensor.shape.dim]
     total = 0
     for node in model.graph.node:
         if node.op_type in CONV_WEIGHT:

@@ -132,6 +132,22 @@ def test_benchmarks_macs_count_convs_and_gemms(tmp_path):
     conv = 3 * 8 * 6 * 6 * (2 * 3 * 3)
     gemm = 3 * 5 * 8
     assert measure.macs(path, {"x": np.zeros((3, 4, 8, 8), np.float32)}) == conv + gemm
+    # the same weights through DequantizeLinear in an IR 3 file that does not list its
+    # initializers as inputs (the peers' output for opset 7 models): onnx infers no
+    # shapes there unless read as IR 4 (it counted every conv as 1 MAC)
+    q = make_model("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 5] y) {
+        w = DequantizeLinear <axis = 0> (wq, ws)
+        c = Conv <group = 2> (x, w)
+        p = GlobalAveragePool (c)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, v)
+    }""", {"wq": np.ones((8, 2, 3, 3), np.int8), "ws": np.ones(8, np.float32),
+           "v": rand((5, 8), 1)})
+    q.ir_version = 3
+    onnx.save(q, path)
+    assert measure.macs(path, {"x": np.zeros((3, 4, 8, 8), np.float32)}) == conv + gemm
 
 
 def test_quick_run_static_quantizer_runs_int8_convs(quick_run):
