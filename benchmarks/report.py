@@ -244,10 +244,14 @@ def _summary(rows: list[dict]) -> list[str]:
     """One line per peer: where our counterpart configuration is ahead and behind."""
     ours = {r["tool"]: r for r in rows if r["status"] == "ok" and r["tool"].startswith("ours")}
     lines = []
-    for peer in (r for r in rows if r["status"] == "ok" and not r["tool"].startswith(
-            ("ours", "fp32"))):
+    for peer in (r for r in rows if r["status"] in ("ok", "failed")
+                 and not r["tool"].startswith(("ours", "fp32"))):
         mine = ours.get(PEER_COUNTERPART.get(peer["tool"], DEFAULT_COUNTERPART))
         if mine is None:
+            continue
+        if peer["status"] != "ok":
+            lines.append(f"- summary **{mine['label']} vs {peer['label']}**: ahead, the "
+                         "peer failed to give a usable model (see above)")
             continue
         ahead, behind = _compare(mine, peer)
         lines.append(f"- summary **{mine['label']} vs {peer['label']}** (1 thread latency; "

@@ -225,6 +225,11 @@ def test_benchmarks_merge_and_summary_lines():
     (line,) = report._summary(rows)
     assert "ahead on Δtop-1 (+0.0 pt vs -3.7 pt), agreement (99.0% vs 89.0%)" in line
     assert "size (0.250× vs 0.270×)" in line and line.endswith("behind on nothing")
+    failed = {**row("nncf"), "status": "failed", "note": "cannot run its output"}
+    skipped = {**row("onnxslim"), "status": "skipped", "note": "not installed"}
+    assert report._summary(rows + [failed, skipped])[1:] == [
+        "- summary **ours-int8 vs nncf**: ahead, the peer failed to give a usable model "
+        "(see above)"]
 
 
 def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
