@@ -117,7 +117,9 @@ class Report:
         if final.get("top1_agreement") is not None:
             parts.append(f"top-1 agreement {100 * final['top1_agreement']:.1f}%")
         if final.get("top1_drop") is not None:
-            parts.append(f"top-1 drop {final['top1_drop']:.2f} pt")
+            error = final.get("top1_error")
+            parts.append(f"top-1 drop {final['top1_drop']:.2f} pt" + (
+                "" if error is None else f" (standard error {error:.2f})"))
         if final.get("cosine") is not None:
             parts.append(f"cosine {final['cosine']:.6f}")
         state = "written" if self.written else "NOT written"

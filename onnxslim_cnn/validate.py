@@ -181,6 +181,15 @@ class Metrics:
     samples: int
     top1_ref: float | None = None
     top1: float | None = None
+    top1_flips: int | None = None  # samples right in one model and wrong in the other
+    expected_drop: float | None = None  # points of mean p(true class) lost
+
+    @property
+    def top1_error(self) -> float | None:
+        """Standard error of the top-1 drop in points, sqrt(flips) / N."""
+        if self.top1_flips is None or not self.samples:
+            return None
+        return 100.0 * float(np.sqrt(self.top1_flips)) / self.samples
 
     @property
     def top1_drop(self) -> float | None:
@@ -209,7 +218,8 @@ class Metrics:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(top1_drop=self.top1_drop, max_abs=self.max_abs, cosine=self.cosine,
-                   sqnr_db=self.sqnr_db, top1_agreement=self.top1_agreement)
+                   sqnr_db=self.sqnr_db, top1_agreement=self.top1_agreement,
+                   top1_error=self.top1_error)
         return out
 
 
@@ -236,8 +246,13 @@ def compare(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
     outputs = [_output_metrics(name, ref[name], cand[name]) for name in ref]
     samples = next(iter(ref.values())).shape[0] if ref else 0
     metrics = Metrics(outputs=outputs, samples=int(samples))
-    if labels is not None:
-        metrics.top1_ref, metrics.top1 = _accuracies(ref, cand, labels)
+    found = None if labels is None else labelled_scores(ref, cand, labels)
+    if found is not None:
+        right = [s.argmax(1) == labels for s in found]
+        metrics.top1_ref, metrics.top1 = (float(np.mean(r)) for r in right)
+        metrics.top1_flips = int(np.count_nonzero(right[0] != right[1]))
+        p_ref, p_cand = (_true_class_probability(s, labels) for s in found)
+        metrics.expected_drop = 100.0 * float(np.mean(p_ref - p_cand))
     return metrics
 
 
@@ -307,11 +322,13 @@ def labelled_scores(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray
     return None
 
 
-def _accuracies(ref, cand, labels: np.ndarray) -> tuple[float | None, float | None]:
-    found = labelled_scores(ref, cand, labels)
-    if found is None:
-        return None, None
-    return tuple(float(np.mean(s.argmax(1) == labels)) for s in found)
+def _true_class_probability(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """p_i(y_i): the scores when they are probabilities already, else their softmax."""
+    s = scores.astype(np.float64)
+    if not (s.min() >= 0 and np.allclose(s.sum(axis=1), 1.0, atol=1e-3)):
+        s = np.exp(s - s.max(axis=1, keepdims=True))
+        s /= s.sum(axis=1, keepdims=True)
+    return s[np.arange(len(labels)), labels]
 
 
 def check_lossless(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
@@ -334,6 +351,30 @@ def check_lossless(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray]
 
 
 EPS_POINTS = 1e-9  # rounding slack when comparing accuracies computed from counts
+Z = 2.0  # standard errors of margin: ~95 % one-sided confidence
+
+
+def _top1_fails(metrics: Metrics, allowed: float) -> str | None:
+    """Why a top-1 drop over ``allowed`` points fails, or None when it is within the
+    noise of the samples.
+
+    On a hundred samples top-1 moves one point per sample, and a model within budget
+    already flips a few of them both ways, so the count alone is erratic (ResNet-8,
+    five draws of 100 images: an auto-compress search stopped anywhere from 3.3x to
+    7.0x, every result within 1 point on 4500 unseen images; SqueezeNet int8, 100
+    validation images: 3 points counted, 0 on 300 unseen). With F samples flipped the
+    count's standard error is sqrt(F)/N; the expected accuracy mean_i p_i(y_i) moves by
+    small amounts per sample instead of whole flips. The drop passes when
+
+        expected-accuracy drop <= allowed  and  drop - Z * sqrt(F)/N <= allowed.
+    """
+    drop, error = metrics.top1_drop, metrics.top1_error
+    if metrics.expected_drop is None or error is None:
+        return f"top-1 drop {drop:.2f} points > {allowed}"
+    if metrics.expected_drop <= allowed and drop - Z * error <= allowed:
+        return None
+    return (f"top-1 drop {drop:.2f} points > {allowed} (expected-accuracy drop "
+            f"{metrics.expected_drop:.2f}, standard error {error:.2f})")
 
 
 def check_budget(metrics: Metrics, budget: Budget) -> str | None:
@@ -347,7 +388,9 @@ def check_budget(metrics: Metrics, budget: Budget) -> str | None:
     # A drop of exactly the budget is within it: 1 sample in 100 is 1.0000000000000009
     # points in floating point, and must not fail a 1-point budget.
     if drop is not None and drop > budget.max_top1_drop + EPS_POINTS:
-        return f"top-1 drop {drop:.2f} points > {budget.max_top1_drop}"
+        reason = _top1_fails(metrics, budget.max_top1_drop)
+        if reason:
+            return reason
     agree = metrics.top1_agreement
     if budget.min_top1_agreement is not None and agree is not None \
             and agree < budget.min_top1_agreement - EPS_POINTS / 100:

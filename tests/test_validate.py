@@ -231,3 +231,51 @@ def test_check_budget_drop_of_exactly_the_budget_passes():
     assert metrics.top1_drop > 1.0
     assert check_budget(metrics, Budget(max_top1_drop=1.0)) is None
     assert check_budget(_metrics(0.999, 0.81, 0.79), Budget(max_top1_drop=1.0)) is not None
+
+
+def _classifier_outputs(flip_barely=0, flip_confident=0, soften=0.0):
+    """100 samples, 10 classes, as probabilities: 70 correct at p(y) 0.6, of which the
+    first 10 only barely (0.34 against 0.33). The candidate flips ``flip_barely`` of the
+    barely correct ones (0.33 against 0.34), ``flip_confident`` confident ones (p(y) 0.2)
+    and takes ``soften`` off the p(y) of the other 90 (spread over the other classes)."""
+    labels = np.arange(100) % 10
+    def probs(p_true, p_rival):
+        p = np.full((100, 10), 0.0)
+        rival = (labels + 1) % 10
+        p[np.arange(100), labels] = p_true
+        p[np.arange(100), rival] = p_rival
+        rest = (1 - p_true - p_rival) / 8
+        mask = p == 0
+        p[mask] = np.repeat(rest, 8)
+        return p
+    p_true = np.where(np.arange(100) < 70, 0.6, 0.2)
+    p_rival = np.where(np.arange(100) < 70, 0.1, 0.5)
+    p_true[:10], p_rival[:10] = 0.34, 0.33
+    ref = probs(p_true, p_rival)
+    c_true, c_rival = p_true.copy(), p_rival.copy()
+    c_true[:flip_barely], c_rival[:flip_barely] = 0.33, 0.34
+    c_true[10:10 + flip_confident], c_rival[10:10 + flip_confident] = 0.2, 0.5
+    cand = probs(np.where(np.arange(100) >= 10, c_true - soften, c_true), c_rival)
+    return {"y": ref}, {"y": cand}, labels
+
+
+@pytest.mark.parametrize("case, fails", [
+    ({"flip_barely": 3}, False),  # 3 points on 100 samples, F=3: noise, p(y) barely moves
+    ({"flip_confident": 20}, True),  # 20 points: significant
+    ({"flip_barely": 3, "soften": 0.05}, True),  # the expected accuracy drops 4.5 points
+    ({"flip_barely": 1}, False),  # within the budget as counted
+])
+def test_check_budget_top1_drop_fails_only_when_significant_or_expected(case, fails):
+    ref, cand, labels = _classifier_outputs(**case)
+    metrics = compare(ref, cand, labels)
+    reason = check_budget(metrics, Budget(max_top1_drop=1.0, min_cosine=0.0))
+    assert (reason is not None) == fails, reason
+    flips = case.get("flip_barely", 0) + case.get("flip_confident", 0)
+    assert metrics.top1_flips == flips
+    assert metrics.top1_error == pytest.approx(100 * np.sqrt(flips) / 100)
+    expected = 100 * np.mean(ref["y"][np.arange(100), labels] - cand["y"][np.arange(100), labels])
+    assert metrics.expected_drop == pytest.approx(expected)
+    # scores that are not probabilities are read through their softmax
+    logits = compare({"y": np.log(ref["y"]) + 3.0}, {"y": np.log(cand["y"]) + 3.0}, labels)
+    assert logits.expected_drop == pytest.approx(expected)
+    assert (logits.top1_flips, logits.top1_drop) == (flips, metrics.top1_drop)

@@ -13,19 +13,10 @@ A state meets the budget when its metrics do on the held-out calibration samples
 also the mean cosine minus two standard errors,
 since the search stops right at the budget's edge and the held-out set is small.
 
-Top-1 on a hundred samples is one point per sample, and a state within budget already
-flips a few of them both ways, so the count alone is erratic (ResNet-8, five draws of
-100 images: the search stopped anywhere from 3.3x to 7.0x, every one within 1 point on
-4500 unseen images). A top-1 drop over the budget therefore fails a state only when it
-is significant or the smoother evidence agrees (``top1_evidence``): with F samples
-flipped, the count's standard error is sqrt(F)/N; the expected accuracy mean_i p_i(y_i)
-(the model's probabilities, softmax of its scores when they are not) moves by small
-amounts per sample instead of whole flips. The drop passes when
-
-    expected-accuracy drop <= budget  and  drop - Z * sqrt(F)/N <= budget.
-
-A drop within budget passes as before (the manager's validation on more samples, with
-its back-off, has the last word on states that are lucky on the calibration samples).
+Top-1 on a hundred samples is one point per sample, so a top-1 drop over the budget
+fails a state only when it is significant or the expected accuracy drops over the
+budget too (validate.check_budget); the manager's validation on more samples, with its
+back-off, has the last word on states that are lucky on the calibration samples.
 
 Every judged state is kept in ``explored`` (size, metrics) for the report's plot.
 """
@@ -83,10 +74,8 @@ class Judge:
         if key not in self.verdicts:
             out = validate.run_model(self.model(state), self.batches)
             metrics = validate.compare(self.ref, out, self.labels)
-            budget = self._resolvable(metrics.samples)
-            reason = validate.check_budget(
-                metrics, dataclasses.replace(budget, max_top1_drop=float("inf"))) \
-                or self._unsure(out) or self._top1(metrics, out, budget.max_top1_drop)
+            reason = validate.check_budget(metrics, self._resolvable(metrics.samples)) \
+                or self._unsure(out)
             self.verdicts[key] = reason
             self._note(state, metrics, reason)
         return self.verdicts[key]
@@ -98,21 +87,6 @@ class Judge:
         least = 100.0 / max(samples, 1)
         return dataclasses.replace(self.budget, max_top1_drop=max(self.budget.max_top1_drop,
                                                                   least))
-
-    def _top1(self, metrics: validate.Metrics, out: dict[str, np.ndarray],
-               allowed: float) -> str | None:
-        """Why the top-1 drop fails ``allowed`` points (module docstring), or None."""
-        drop = metrics.top1_drop
-        if drop is None or drop <= allowed + validate.EPS_POINTS:
-            return None
-        evidence = top1_evidence(self.ref, out, self.labels)
-        if evidence is None:
-            return f"top-1 drop {drop:.2f} points > {allowed}"
-        expected, error = evidence
-        if expected <= allowed and drop - Z * error <= allowed:
-            return None
-        return (f"top-1 drop {drop:.2f} points > {allowed} (expected-accuracy drop "
-                f"{expected:.2f}, standard error {error:.2f})")
 
     def _unsure(self, out: dict[str, np.ndarray]) -> str | None:
         """Why the cosine budget might fail on unseen samples: the mean cosine minus
@@ -135,30 +109,7 @@ class Judge:
                       + ("within budget" if reason is None else reason))
 
 
-Z = 2.0  # standard errors of margin: ~95 % one-sided confidence
-
-
-def top1_evidence(ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
-                  labels: np.ndarray) -> tuple[float, float] | None:
-    """(expected-accuracy drop, standard error of the top-1 drop), both in points, of the
-    classifier output of ``out`` against ``ref``; None without such an output."""
-    found = validate.labelled_scores(ref, out, labels)
-    if found is None:
-        return None
-    scores, cand = found
-    flips = np.count_nonzero((scores.argmax(1) == labels) != (cand.argmax(1) == labels))
-    expected = np.mean(_true_class_probability(scores, labels)
-                       - _true_class_probability(cand, labels))
-    return 100.0 * float(expected), 100.0 * float(np.sqrt(flips)) / len(labels)
-
-
-def _true_class_probability(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """p_i(y_i): the scores when they are probabilities already, else their softmax."""
-    s = scores.astype(np.float64)
-    if not (s.min() >= 0 and np.allclose(s.sum(axis=1), 1.0, atol=1e-3)):
-        s = np.exp(s - s.max(axis=1, keepdims=True))
-        s /= s.sum(axis=1, keepdims=True)
-    return s[np.arange(len(labels)), labels]
+Z = validate.Z
 
 
 def _bound(values: np.ndarray, z: float) -> float:
