@@ -144,7 +144,7 @@ def _pass_options(g) -> None:
     g.add_argument("--calib-method", choices=("minmax", "percentile", "entropy", "mse"),
                    help="qdq-int8: activation range method (default mse)")
     g.add_argument("--percentile", type=float, help="qdq-int8: percentile of the "
-                   "percentile method (default 99.99)")
+                   "percentile method (default 99.999, as onnxruntime)")
     g.add_argument("--activation-type", choices=("uint8", "int8"),
                    help="qdq-int8: activation type (default uint8)")
     g.add_argument("--reduce-range", choices=("auto", "on", "off"), help="qdq-int8: "

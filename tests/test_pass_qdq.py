@@ -396,6 +396,37 @@ def test_qdq_ranges_methods_on_known_distribution():
         calibrate.quant_error(stats.hist, centers, lo, hi)
 
 
+def test_qdq_entropy_range_of_a_relu_output_keeps_the_bulk():
+    """Half the values of a ReLU output are exact zeros; as a spike in the first bin
+    they used to make the divergence pick the smallest threshold (1/16 of the range,
+    cutting into the bulk) on every such tensor."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal(400_000), 0).astype(np.float32)
+    x[:2] = [40.0, 35.0]
+    stats = calibrate.TensorStats()
+    stats.update(x.reshape(1, -1))
+    stats.add_histogram(x)
+    assert stats.zeros == int(np.count_nonzero(x == 0))
+    lo, hi = calibrate.choose_range(stats, "entropy")
+    assert lo == 0.0
+    assert 3.5 < hi < 30.0  # 99.98 % of the mass lies below 3.5; the outliers are clipped
+
+
+def test_qdq_folds_batchnorm_so_the_conv_relu_pair_runs_int8(tmp_path):
+    text = CNN.replace("r1 = Relu (c1)", "n1 = BatchNormalization (c1, g1, be1, m1, v1)\n"
+                       "    r1 = Relu (n1)")
+    weights = cnn_weights() | {"g1": rand((8,), 7, 0.2) + 1, "be1": rand((8,), 8, 0.1),
+                               "m1": rand((8,), 9, 0.1), "v1": np.abs(rand((8,), 10)) + 0.5}
+    model = make_model(text, weights)
+    out, result = apply_pass(QdqInt8, model, ctx=PassContext(calib=calib()))
+    assert result.stats["bn_folded"] == 1
+    assert "BatchNormalization" in op_counts(model) and "BatchNormalization" not in op_counts(out)
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["Conv"] == 0
+    feed = {"x": rand((8, 3, 16, 16), 999)}
+    assert cosine(run(model, feed)["y"], run(out, feed, optimization="all")["y"]) > 0.999
+
+
 def test_qdq_bias_correction_reduces_output_bias():
     model = make_model(CNN, cnn_weights(3))
     data = calib(batches=8, seed=300)
