@@ -29,6 +29,14 @@ def make_model(text: str, weights: dict[str, np.ndarray] | None = None) -> onnx.
     return model
 
 
+def make_float16(text: str, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``make_model`` of the float16 twin of a float32 text model: ``float[`` tensors
+    become ``float16[`` and float32 weights float16."""
+    return make_model(text.replace("float[", "float16["), {
+        k: v.astype(np.float16) if np.asarray(v).dtype == np.float32 else v
+        for k, v in weights.items()})
+
+
 def rand(shape, seed: int, scale: float = 1.0, dtype=np.float32) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
@@ -82,6 +90,42 @@ def apply_pass(pass_cls, model: onnx.ModelProto, options: dict | None = None, ct
     result = pass_cls(options).run(graph, ctx or PassContext())
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return export_graph(graph, model), result
+
+
+def layer_params(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Every weight and bias a Conv/Gemm/MatMul reads, as onnxruntime computes it (a
+    decode subgraph's output, or the initializer), by tensor name."""
+    names = {i for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+             for i in n.input[1:] if i}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n)
+                              for n in sorted(names - set(inits) - known))
+    out = run(probe, feeds(model) if feed is None else feed)
+    return {n: inits[n] if n in inits else out[n] for n in names}
+
+
+def io_types(model: onnx.ModelProto) -> set[int]:
+    """Element types (onnx.TensorProto enums) of the graph's real inputs and outputs."""
+    inits = {i.name for i in model.graph.initializer}
+    return {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]
+            if v.name not in inits}
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs: the one it writes to
+    ``optimized_model_filepath`` with every optimisation on (as deployed), after it
+    folded what it could at session creation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return op_counts(onnx.load(options.optimized_model_filepath))
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -5,6 +5,7 @@ the full search (variants, sensitivity, allocation, validation) stays fast.
 """
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxslim_cnn import cli, model_io
@@ -14,7 +15,18 @@ from onnxslim_cnn.errors import UsageError, ValidationError
 from onnxslim_cnn.manager import compress
 from onnxslim_cnn.passes.base import PassContext
 
-from .helpers import feeds, make_model, op_counts, rand, run, run_pipeline
+from .helpers import (
+    feeds,
+    io_types,
+    layer_params,
+    make_float16,
+    make_model,
+    op_counts,
+    optimized_ops,
+    rand,
+    run,
+    run_pipeline,
+)
 
 # x[2,8,12,12] -> Conv(w1[32,8,3,3], b1, pad 1) -> Relu -> Conv(w2[64,32,3,3], b2)
 #   -> Relu -> GlobalAveragePool -> Flatten -> Gemm(w3[64,10], transB=0) -> y[2,10]
@@ -124,6 +136,28 @@ def test_auto_compress_shrinks_within_budget():
     assert {r["layer"] for r in rec.layers} == {"conv1", "conv2", "fc"}
     assert all(r["bytes_after"] < r["bytes_before"] for r in rec.layers)
     assert any(p["within_budget"] for p in report.explored if p["kind"] == "measured")
+
+
+def test_auto_compress_float16_chooses_codebooks_and_stays_float16(tmp_path):
+    fp32 = model()
+    m = make_float16(TEXT, {i.name: onnx.numpy_helper.to_array(i)
+                            for i in fp32.graph.initializer})
+    for node, source in zip(m.graph.node, fp32.graph.node, strict=True):
+        node.name = source.name
+    budget = Budget(min_cosine=0.99)
+    out, report = run_pipeline(m, ["auto-compress"], budget=budget,
+                               options={"auto_candidates": ("int8", "c4", "c2")})
+    rec = report.passes[0]
+    assert rec.status == "applied", rec.reason
+    chosen = {r["layer"]: r["applied"] for r in rec.layers}
+    assert set(chosen) == {"conv1", "conv2", "fc"}
+    assert {"c4", "c2"} & set(chosen.values())  # float16 weights get codebooks too
+    assert report.final["cosine"] >= 0.99  # the budget, on the validation samples
+    assert rec.size_after < rec.size_before / 3  # float32: / 4; float16 has half to save
+    assert {v.dtype for v in layer_params(out).values()} == {np.dtype(np.float16)}
+    assert io_types(out) == {onnx.TensorProto.FLOAT16}
+    # every layer's decode folds at load: onnxruntime runs the dense float16 graph
+    assert optimized_ops(out, tmp_path) == optimized_ops(m, tmp_path)
 
 
 def test_auto_compress_tighter_budget_gives_larger_file():

@@ -28,7 +28,20 @@ from onnxslim_cnn.passes.cluster import (
     sites,
 )
 
-from .helpers import SHARED_MODELS, apply_pass, feeds, gs, make_model, op_counts, rand, run
+from .helpers import (
+    SHARED_MODELS,
+    apply_pass,
+    feeds,
+    gs,
+    io_types,
+    layer_params,
+    make_float16,
+    make_model,
+    op_counts,
+    optimized_ops,
+    rand,
+    run,
+)
 
 # x[2,8,10,10] -> Conv(w1[16,8,3,3], b1, pad 1) -> Relu -> Conv(w2[32,16,3,3], stride 2)
 #   -> GlobalAveragePool -> Flatten -> Gemm(w3[32,64], transB=0) -> y[2,64]
@@ -246,6 +259,63 @@ def test_cluster_close_to_float_under_onnxruntime():
     np.testing.assert_allclose(got, ref, rtol=0, atol=0.05 * np.abs(ref).max())
     assert result.stats["layers_clustered"] == 3
     assert all(r["sqnr_db"] > 25 for r in result.layers)
+
+
+def model16(seed=0):
+    """The float16 twin of ``model``."""
+    return make_float16(TEXT, weights(seed))
+
+
+# a per-channel codebook of the [32, 64] Gemm outweighs its 4 kB of float16 above 2 bits
+@pytest.mark.parametrize(("granularity", "bits"), [("tensor", 4), ("scaled", 4),
+                                                   ("channel", 2)])
+def test_cluster_float16_round_trips_exactly_stays_float16_and_folds(granularity, bits,
+                                                                      tmp_path):
+    m = model16()
+    out, result = apply_pass(ClusterWeights, m, {"bits": bits, "granularity": granularity})
+    assert [r["layer"] for r in result.layers] == ["c1", "c2", "y"]
+    found, _ = sites.find(import_graph(m))
+    got = decoded_weights(out, [s.key for s in found])
+    for site in found:
+        expect = sites.cluster(site, bits, granularity, refine.Quadratic(site.w2, None, False))
+        # float16 entries gathered as they are; a scaled codebook's float32 product
+        # (exact in float64, rounded once to float32 as onnxruntime's Mul) then cast
+        w2 = expect.decoded().astype(np.float32)
+        want = (w2.T if site.transposed else w2).reshape(site.const.values.shape)
+        assert got[site.key].dtype == np.float16
+        np.testing.assert_array_equal(got[site.key], want.astype(np.float16))  # exact
+    assert {v.dtype for v in layer_params(out).values()} == {np.dtype(np.float16)}
+    assert io_types(out) == {onnx.TensorProto.FLOAT16}
+    float32 = [i.name for i in out.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    # only a scaled codebook multiplies, in float32: its k entries and O channel scales
+    assert all("codebook" in n or "scale" in n for n in float32)
+    assert bool(float32) == (granularity == "scaled")
+    packed = sum(len(i.raw_data) for i in out.graph.initializer if "packed" in i.name)
+    weights_count = sum(s.size for s in found)
+    assert weights_count * bits / 8 <= packed <= weights_count * bits / 8 + 3  # as float32
+    assert out.ByteSize() < m.ByteSize()
+    # onnxruntime folds every decode at load: it runs the dense float16 model's graph
+    assert optimized_ops(out, tmp_path) == optimized_ops(m, tmp_path)
+
+
+def test_cluster_float16_close_to_float_and_bias_stays_float16():
+    m = model16()
+    data = [{"x": b["x"].astype(np.float16)} for b in calib(model())]
+    out, result = apply_pass(ClusterWeights, m, {"bits": 6}, PassContext(calib=data))
+    # c1's 2.3 kB of float16 (half its float32 bytes) do not pay for a 6-bit decode
+    assert [r["layer"] for r in result.layers] == ["c2", "y"]
+    assert result.declined == {"encoding would not make the file smaller": 1}
+    feed = feeds(m, seed=99)  # not a calibration batch
+    ref, got = run(m, feed)["y"].astype(np.float64), run(out, feed)["y"].astype(np.float64)
+    # the float32 test's bounds: float16 rounding (~5e-4 relative, ~66 dB) is far below
+    # what 6-bit codebooks add (~35 dB)
+    assert sqnr(ref, got) > 25
+    np.testing.assert_allclose(got, ref, rtol=0, atol=0.05 * np.abs(ref).max())
+    params = layer_params(out)
+    assert {v.dtype for v in params.values()} == {np.dtype(np.float16)}
+    # the Gemm had no bias: the mean correction gave it one, float16 like the model
+    assert any("cluster_bias" in name for name in params)
+    assert io_types(out) == {onnx.TensorProto.FLOAT16}
 
 
 def test_cluster_refinement_lowers_output_error():

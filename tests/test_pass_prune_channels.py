@@ -9,7 +9,16 @@ from onnxslim_cnn.manager import export_graph, import_graph
 from onnxslim_cnn.passes.base import PassContext
 from onnxslim_cnn.passes.prune.channels import PruneChannels, mask
 
-from .helpers import apply_pass, make_model, rand, run
+from .helpers import (
+    apply_pass,
+    io_types,
+    layer_params,
+    make_float16,
+    make_model,
+    optimized_ops,
+    rand,
+    run,
+)
 
 # Every comparison against the masked model: float32, only the summation order
 # differs, so rtol 1e-5 with atol 1e-5 relative to outputs of order 1.
@@ -189,6 +198,39 @@ def test_prune_channels_recovery_lowers_error_on_unseen_data(sequential):
     err_fit = np.linalg.norm(run(fitted, feed)["y"] - ref)
     assert err_fit < 0.8 * err_plain
     assert weight_shapes(fitted) == weight_shapes(plain)
+
+
+def test_prune_channels_float16_equals_masked_recovery_helps_and_stays_float16(tmp_path):
+    model = make_float16(RESIDUAL, {
+        "wa": rand((16, 4, 3, 3), 1, 0.3), "ba": rand((16,), 2, 0.1),
+        "wb": rand((16, 16, 3, 3), 3, 0.1), "bb": rand((16,), 4, 0.1),
+        "wc": rand((5, 16, 1, 1), 5, 0.3), "bc": rand((5,), 6, 0.1)})
+    ctx = PassContext(calib=[{"x": rand((8, 4, 8, 8), 100 + i, dtype=np.float16)}
+                             for i in range(3)])
+    plain, masked = apply_pass(PruneChannels, model, {"recovery": False}, ctx)
+    fitted, result = apply_pass(PruneChannels, model, {}, ctx)
+    assert result.stats["consumers_refitted"] == 2  # b (reads r) and c (reads q)
+    feed = {"x": rand((16, 4, 8, 8), 999, dtype=np.float16)}
+    ref = run(model, feed)["y"].astype(np.float64)
+    # the float32 tolerance (1e-5) loosened to float16's: onnxruntime rounds every Conv
+    # and Add output to float16, so summing in another order can flip a rounding by one
+    # step (2^-10 relative at most): rtol 2e-3 (measured: identical outputs)
+    np.testing.assert_allclose(run(plain, feed)["y"],
+                               run(masked_model(model, masked), feed)["y"], rtol=2e-3,
+                               atol=2e-3)
+    err_plain = np.linalg.norm(run(plain, feed)["y"] - ref)
+    err_fit = np.linalg.norm(run(fitted, feed)["y"] - ref)
+    assert err_fit < 0.8 * err_plain  # the float32 test's bound
+    assert weight_shapes(fitted) == weight_shapes(plain) == {
+        "a": (12, 4, 3, 3), "b": (12, 12, 3, 3), "y": (5, 12, 1, 1)}
+    assert {v.dtype for v in layer_params(fitted).values()} == {np.dtype(np.float16)}
+    assert io_types(fitted) == {onnx.TensorProto.FLOAT16}
+    assert fitted.ByteSize() < model.ByteSize()
+    # nothing to decode at load: onnxruntime runs float16 convolutions (its casts around
+    # them as for the original), no Cast or other op of a weight decode is left
+    ops = optimized_ops(fitted, tmp_path)
+    assert ops["Cast"] == optimized_ops(model, tmp_path)["Cast"]
+    assert not {"BitShift", "Mod", "Gather", "CumSum", "Mul", "DequantizeLinear"} & set(ops)
 
 
 @pytest.fixture(scope="module")

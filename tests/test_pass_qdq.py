@@ -135,6 +135,59 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
     assert cosine(ref, got) > 0.999  # the same bound as int8 of a float model
 
 
+@pytest.mark.parametrize(("granularity", "bits"), [("tensor", 5), ("channel", 2),
+                                                   ("scaled", 3)])
+def test_qdq_after_cluster_float16_model_runs_int8_kernels(tmp_path, granularity, bits):
+    """The float16 twin of the test above: cluster-weights keeps the model float16 (a
+    scaled codebook's decode ends in Cast(to=FLOAT16)); qdq-int8 computes it in float32
+    (Cast(to=FLOAT)), recognises the codebooks through that Cast and makes them int8.
+    (2-bit per-channel codebooks: at 4 bits the Gemm's 4 kB of float16 would not pay.)"""
+    from onnxslim_cnn.passes.cluster import ClusterWeights
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float16[N, 16, 8, 8] x) => (float16[N, 64] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        p = GlobalAveragePool (r)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, w2, b2)
+    }
+    """
+    init = {"w1": rand((32, 16, 3, 3), 0, 0.2), "b1": rand((32,), 1, 0.1),
+            "w2": rand((64, 32), 2, 0.3), "b2": rand((64,), 3, 0.1)}
+    model = make_model(text, {k: v.astype(np.float16) for k, v in init.items()})
+    ctx = PassContext(calib=[{"x": b["x"].astype(np.float16)} for b in calib((4, 16, 8, 8))])
+    clustered, cres = apply_pass(ClusterWeights, model,
+                                 {"bits": bits, "granularity": granularity}, ctx)
+    assert cres.stats["layers_clustered"] == 2
+    out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
+    coded = [r for r in result.layers if "weight_codebook" in r]
+    assert len(coded) == 2 and {r["weight_codebook"] for r in coded} == {
+        "int8 scaled per channel" if granularity == "scaled" else f"int8 per {granularity}"}
+    weights = 32 * 16 * 9 + 64 * 32
+    int8 = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8)
+    packed = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
+                 if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
+    assert int8 < weights / 4 and packed == -(-weights * bits // 8)
+    # Casts left: the float16 input's and output's, and the two index Casts; no decode
+    # Cast (nor Mul) of a scaled codebook, its scale is in the DequantizeLinear's
+    casts = sorted(next(a.i for a in n.attribute if a.name == "to")
+                   for n in out.graph.node if n.op_type == "Cast")
+    assert casts == sorted([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                            onnx.TensorProto.INT32, onnx.TensorProto.INT32])
+    assert op_counts(out).get("Mul", 0) == 0
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1
+    assert not {"Conv", "Gather", "BitShift", "DequantizeLinear"} & set(ops), ops
+    assert ops["QuantizeLinear"] == 1  # the graph input's only: no decode tensor quantized
+    feed = {"x": rand((8, 16, 8, 8), 999, dtype=np.float16)}  # not calibration data
+    ref, got = run(clustered, feed)["y"], run(out, feed, optimization="all")["y"]
+    assert got.dtype == np.float16
+    assert cosine(ref, got) > 0.999  # the same bound as the float32 model
+
+
 # MobileNetV3-style block: 1x1 expand -> HardSwish -> depthwise -> HardSwish ->
 # squeeze-excite (GAP -> Conv -> Relu -> Conv -> HardSigmoid -> Mul) -> 1x1 project
 # -> Swish (x * Sigmoid(x)) -> residual Add

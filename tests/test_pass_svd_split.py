@@ -18,9 +18,22 @@ from onnxslim_cnn.passes.base import PassContext, taken_names
 from onnxslim_cnn.passes.svd import SvdSplit, factor, rewrite
 from onnxslim_cnn.passes.svd.site import find_site
 
-from .helpers import apply_pass, assert_same_outputs, make_model, op_counts, rand
+from .helpers import (
+    apply_pass,
+    assert_same_outputs,
+    io_types,
+    make_float16,
+    make_model,
+    op_counts,
+    optimized_ops,
+    rand,
+)
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
+# float16 keeps 11 significant bits and the split rounds three times (factors, the
+# intermediate, the output: 2^-11 relative each, where the layer rounded once), so the
+# float32 1e-4 becomes 2e-3 of the largest output (measured: one float16 step, 8e-4)
+TOL16 = 2e-3
 
 # x -> Conv(W, B) -> y, geometry from the attribute string
 CONV = """
@@ -91,6 +104,53 @@ def test_svd_split_low_rank_conv_splits_exactly_and_saves(mode, geometry):
     assert sum(i.dims[0] * np.prod(i.dims[1:]) for i in out.graph.initializer) == \
         record["params_after"] + 24  # + the bias
     assert_same_outputs(model, out, **TOL)
+
+
+def assert_float16_split(model, out, feed, tmp_path):
+    """``out`` keeps float16 weights, intermediate and interface, computes ``model``
+    within TOL16 and leaves onnxruntime nothing to decode."""
+    assert {i.data_type for i in out.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert io_types(out) == {onnx.TensorProto.FLOAT16}
+    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    mid = [v for v in inferred.graph.value_info if "svd_mid" in v.name]
+    assert [v.type.tensor_type.elem_type for v in mid] == [onnx.TensorProto.FLOAT16]
+    ref = validate.run_model(model, [feed])["y"].astype(np.float64)
+    got = validate.run_model(out, [feed])["y"]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL16 * np.abs(ref).max())
+    ops = optimized_ops(out, tmp_path)
+    assert ops["Cast"] == optimized_ops(model, tmp_path)["Cast"]
+    assert not {"Gather", "Mul", "DequantizeLinear"} & set(ops)
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_svd_split_float16_low_rank_conv_splits_and_stays_float16(mode, tmp_path):
+    text = CONV.format(cin=8, cout=24, attrs=GEOMETRY["stride-asym-pads"], inputs="w, b")
+    model = make_float16(text, {"w": low_rank(24, 8, 3), "b": rand((24,), 3)})
+    # rounding W to float16 leaves ~1e-7 of its energy outside rank 3 (2^-12 squared)
+    out, result = apply_pass(SvdSplit, model, {"energy": 1 - 1e-5, "svd_mode": mode})
+    (record,) = result.layers
+    assert record["mode"] == mode and record["rank"] == (3 if mode == "channel" else 9)
+    assert op_counts(out) == {"Conv": 2}
+    assert out.ByteSize() < model.ByteSize()
+    assert_float16_split(model, out, {"x": rand((2, 8, 11, 10), 5, dtype=np.float16)},
+                         tmp_path)
+
+
+@pytest.mark.parametrize("op, inputs, transposed, opset", [
+    ("Gemm <alpha = 0.5, beta = 2.0>", "w, c", False, 13),
+    ("Gemm <transB = 1>", "w, c", True, 9),  # the first Gemm's zero C: float16 too
+    ("MatMul", "w", False, 13)])
+def test_svd_split_float16_gemm_splits_and_stays_float16(op, inputs, transposed, opset,
+                                                         tmp_path):
+    w = (rand((40, 4), 0) @ rand((4, 30), 1)).astype(np.float32)  # rank 4
+    weights = {"w": w.T.copy() if transposed else w, "c": rand((30,), 2)}
+    model = make_float16(GEMM.format(op=op, inputs=inputs, opset=opset),
+                         {k: v for k, v in weights.items() if k in inputs})
+    out, result = apply_pass(SvdSplit, model, {"energy": 1 - 1e-5})
+    assert result.layers[0]["rank"] == 4 and op_counts(out) == {op.split()[0]: 2}
+    onnx.checker.check_model(out)
+    assert_float16_split(model, out, {"x": rand((3, 40), 4, dtype=np.float16)}, tmp_path)
 
 
 def test_svd_split_auto_picks_fewest_macs():

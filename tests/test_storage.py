@@ -342,6 +342,59 @@ def test_int8_float_decode_of_a_float16_weight_folds_at_load(tmp_path):
             (level, ops)
 
 
+def _float16_conv(weight, encode):
+    """(float16 Conv model reading ``encode(graph, const)``, Encoded)."""
+    text = conv_text(14).replace("float[", "float16[")
+    graph = import_graph(make_model(text, {"w": weight}))
+    const = graph.tensors()["w"]
+    encoded = encode(graph, const)
+    storage.replace_with(graph, const, encoded)
+    return export_graph(_cleaned(graph), make_model(text, {"w": weight})), encoded
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scaled_codebook_of_a_float16_weight_multiplies_in_float32_and_folds(axis, tmp_path):
+    # a float16 Mul would not fold (onnxruntime has none on CPU): float32 table and
+    # product, one Cast(to=FLOAT16) at the end
+    indices, codebook = cluster(12, 4)
+    book = codebook.astype(np.float16)  # a float16 weight's entries
+    scale = np.random.default_rng(3).uniform(0.01, 2, SHAPE[axis]).astype(np.float32)
+    view = [1, 1, 1, 1]
+    view[axis] = -1
+    # float32 product of float32 values, rounded once to float16
+    want = (book.astype(np.float32)[indices] * scale.reshape(view)).astype(np.float16)
+    model, encoded = _float16_conv(want, lambda g, c: storage.encode_codebook(
+        g, c.name, indices, book, 4, per_channel_axis=axis, channel_scale=scale,
+        dtype=np.float16))
+    assert [n.op_type for n in model.graph.node][-3:] == ["Mul", "Cast", "Conv"]
+    assert encoded.dense_bytes == want.nbytes
+    got = storage.decoded_values([encoded.tensor], 14)[0]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want)  # tolerance 0
+    dense = make_model(conv_text(14).replace("float[", "float16["), {"w": want})
+    for level in LEVELS:
+        assert optimized_ops(model, level, tmp_path) == optimized_ops(dense, level, tmp_path)
+    found = storage.find_codebook(import_graph(model).nodes[-1].inputs[1])
+    assert found is not None and found.cast is not None and found.mul is not None
+
+
+def test_int8_dq_decode_of_a_float16_weight_is_valid_below_opset_19():
+    # DequantizeLinear takes a float16 scale from opset 19 only: float32 scale, then Cast
+    weight = rand(SHAPE, 6).astype(np.float16)
+    model, encoded = _float16_conv(weight, lambda g, c: storage.encode_int(
+        g, c, 8, 0, decode="dq"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Cast", "Conv"]
+    assert encoded.dense_bytes == weight.nbytes
+    got = storage.decoded_values([encoded.tensor], 14)[0]
+    q, scale = storage.quantize_symmetric(weight, 8, 0)
+    # the scale holds float16 values (the weight's dtype), the product rounded once
+    want = q.astype(np.float32) * scale.astype(np.float16).astype(np.float32).reshape(
+        -1, 1, 1, 1)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want.astype(np.float16))  # tolerance 0
+
+
 @pytest.mark.parametrize("name", sorted(KEPT))
 def test_conv_lone_dequantize_is_kept_by_onnxruntime(name, tmp_path):
     # Measured, by design of onnxruntime: DequantizeLinear is never constant-folded

@@ -17,6 +17,16 @@ seeded weights, 1 thread, medians): 4-bit codebooks on all Conv weights took the
 from 102 MB to 20 MB (13 MB with the Gemm too), session start-up from 0.46 s to 0.82 s;
 inference latency unchanged.
 
+float16 weights: the decoded tensor has the weight's dtype, so a float16 model stays
+float16 and a decode folds to the same dense float16 constant. Decodes that only move
+values (Gather of a codebook, Concat + Gather of sparse values) run in float16, which
+onnxruntime's CPU provider has: the codebook or the nonzero values are stored as
+float16, half the bytes. Decodes that multiply (int "float", a scaled codebook) or
+dequantize run in float32 and end in ``Cast(to=FLOAT16)``: onnxruntime has no float16
+Mul on CPU, could not fold them, and would run them on every inference (measured:
+SqueezeNet fp16 1.5x slower); DequantizeLinear takes a float16 scale only from opset 19.
+An integer encoding's scale holds float16 values (rounded once) stored as float32.
+
 Bit planes (``pack_bits``): a b-bit value is split into planes of width 4, 2 or 1
 (``PLANES``: 3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1, most significant first). A plane of
 width w holds 8/w values per byte; slot r of byte j (bits r*w .. r*w+w-1) holds value

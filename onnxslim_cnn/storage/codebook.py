@@ -16,16 +16,22 @@ from .core import DECODE_TAG, Encoded, ValuesEncoder, _Builder, _check_bits, _re
 def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: np.ndarray,
                     bits: int, shape=None, taken: set[str] | None = None,
                     per_channel_axis: int | None = None,
-                    channel_scale: np.ndarray | None = None) -> Encoded:
+                    channel_scale: np.ndarray | None = None, dtype=None) -> Encoded:
     """Store ``codebook[indices]`` as ``bits``-bit packed indices plus the codebook.
 
     Args:
         indices: integers in [0, k), k <= 2^bits; any shape with ``prod(shape)`` items.
         codebook: [k] (per tensor) or [C, k] with C = shape[per_channel_axis]; float or
-            int8 (decode with ``dequantize`` afterwards).
+            int8 (decode with ``dequantize`` afterwards). Stored in its own dtype: a
+            float16 codebook's Gather decodes float16 directly (onnxruntime has float16
+            Gather on CPU and folds it).
         shape: decoded shape (default ``indices.shape``).
         channel_scale: [C] float32 with a [k] codebook: the decode is multiplied by it
-            along ``per_channel_axis`` (a shared codebook scaled per channel).
+            along ``per_channel_axis`` (a shared codebook scaled per channel). The
+            codebook is then stored as float32 and multiplied in float32 (onnxruntime
+            has no float16 Mul on CPU to fold).
+        dtype: dtype of the decoded tensor (default: the codebook's, float32 when
+            scaled); a decode of another dtype ends in a Cast to it.
 
     Returns:
         Encoded with min_opset 11 (BitShift; 14 for 3, 5, 6, 7 bits: uint8 Add).
@@ -47,7 +53,10 @@ def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: n
     b = _Builder(graph, name, taken)
     index = b.op("Cast", [_unpack(b, indices, bits, shape)], np.int32, list(shape),
                  to=onnx.TensorProto.INT32)
-    table = codebook.reshape(-1)
+    table = codebook.reshape(-1).astype(np.float32) if scaled else codebook.reshape(-1)
+    if dtype is None:
+        dtype = np.float32 if scaled else codebook.dtype
+    dtype = np.dtype(dtype)
     view = [1] * len(shape)
     if per_channel_axis is not None:
         view[per_channel_axis] = -1
@@ -56,13 +65,13 @@ def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: n
         offset = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1])
         index = b.op("Add", [index, b.const("offset", offset.reshape(view))], np.int32,
                      list(shape))
-    out = b.op("Gather", [b.const("codebook", table), index], codebook.dtype, list(shape),
+    out = b.op("Gather", [b.const("codebook", table), index], table.dtype, list(shape),
                axis=0)
     if scaled:
         out = b.op("Mul", [out, b.const("scale", np.asarray(channel_scale, np.float32)
                                         .reshape(view))], np.float32, list(shape))
-    return b.finish(out, indices.size * codebook.itemsize, f"codebook{bits}",
-                    _codebook_opset(bits))
+    return b.finish(b.cast(out, dtype, shape), indices.size * dtype.itemsize,
+                    f"codebook{bits}", _codebook_opset(bits))
 
 
 def _codebook_opset(bits: int) -> int:
@@ -107,9 +116,12 @@ class CodebookDecode:
     """The end of an ``encode_codebook`` decode: ``gather`` = Gather(table, index).
 
     Attributes:
-        table: the float32 codebook constant, [k] or a per-channel [C, k] flattened.
+        table: the float codebook constant (float32, or float16 for a float16 weight),
+            [k] or a per-channel [C, k] flattened.
         channels: C for a per-channel codebook, else None.
         mul: with a shared codebook scaled per channel, the Mul by ``scale`` [C].
+        cast: the Cast ending the decode of a float16 weight (``Cast(to=FLOAT)`` once
+            qdq-int8 computed the model in float32, passes/float16.py), else None.
     """
 
     gather: gs.Node
@@ -117,27 +129,27 @@ class CodebookDecode:
     channels: int | None
     mul: gs.Node | None = None
     scale: np.ndarray | None = None
+    cast: gs.Node | None = None
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
-    """The float32 codebook decode that writes ``tensor`` (read by nothing else), if one
-    of ``encode_codebook``'s does (recognised by ``DECODE_TAG`` in the node names)."""
-    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 \
-            or len(tensor.outputs) != 1:
-        return None
-    gather, mul, scale = tensor.inputs[0], None, None
-    if gather.op == "Mul" and DECODE_TAG in (gather.name or "") \
-            and isinstance(gather.inputs[1], gs.Constant):
+    """The float32/float16 codebook decode that writes ``tensor`` (read by nothing else),
+    if one of ``encode_codebook``'s does (recognised by ``DECODE_TAG`` in the node
+    names), with or without the Cast that ends a float16 weight's decode."""
+    cast = _decode_node(tensor, "Cast")
+    gather = _decode_node(cast.inputs[0], None) if cast is not None else \
+        _decode_node(tensor, None)
+    mul, scale = None, None
+    if gather is not None and gather.op == "Mul" and isinstance(gather.inputs[1], gs.Constant):
         mul, scale = gather, np.asarray(gather.inputs[1].values).reshape(-1)
-        inner = gather.inputs[0]
-        if not isinstance(inner, gs.Variable) or len(inner.inputs) != 1 \
-                or len(inner.outputs) != 1:
-            return None
-        gather = inner.inputs[0]
-    if gather.op != "Gather" or DECODE_TAG not in (gather.name or ""):
+        gather = _decode_node(mul.inputs[0], "Gather")
+    if gather is None or gather.op != "Gather":
         return None
     table, index = gather.inputs
-    if not isinstance(table, gs.Constant) or np.asarray(table.values).dtype != np.float32 \
+    if not isinstance(table, gs.Constant) or np.asarray(table.values).dtype not in _FLOATS \
             or len(table.outputs) != 1:
         return None
     offset = index.inputs[0] if isinstance(index, gs.Variable) and index.inputs else None
@@ -146,7 +158,19 @@ def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
         channels = int(np.asarray(offset.inputs[1].values).size)
     if mul is not None and channels is not None:
         return None
-    return CodebookDecode(gather, table, channels, mul, scale)
+    return CodebookDecode(gather, table, channels, mul, scale, cast)
+
+
+def _decode_node(tensor: gs.Tensor, op: str | None) -> gs.Node | None:
+    """The tagged decode node (of type ``op`` when given) that alone writes ``tensor``,
+    which nothing else reads."""
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 \
+            or len(tensor.outputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    if DECODE_TAG not in (node.name or "") or (op is not None and node.op != op):
+        return None
+    return node
 
 
 def decoded_values(tensors: list[gs.Variable], opset: int) -> list[np.ndarray]:

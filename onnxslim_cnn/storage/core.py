@@ -33,7 +33,8 @@ class Encoded:
         file_bytes: serialized bytes the encoding adds to the file: initializers with
             their names plus the decode nodes (compare with ``dense_bytes`` to decide
             whether encoding a small tensor pays).
-        dense_bytes: bytes of the decoded dense tensor (float32 after ``dequantize``).
+        dense_bytes: bytes of the decoded dense tensor (in its dtype: float16 for a
+            float16 weight).
         encoding: e.g. ``"int8-dq"``, ``"codebook4"``, ``"sparse+codebook4"``.
         min_opset: smallest default-domain opset the decode ops need.
         source: name of the weight it encodes.
@@ -87,6 +88,13 @@ class _Builder:
 
     def ints(self, suffix: str, values) -> gs.Constant:
         return self.const(suffix, np.asarray(values, np.int64))
+
+    def cast(self, tensor: gs.Variable, dtype, shape) -> gs.Variable:
+        """``tensor`` as ``dtype``: itself, or a Cast to it (the decode's last op)."""
+        if np.dtype(tensor.dtype) == np.dtype(dtype):
+            return tensor
+        return self.op("Cast", [tensor], np.dtype(dtype), list(shape),
+                       to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
     def finish(self, tensor, dense_bytes: int, encoding: str, min_opset: int) -> Encoded:
         return Encoded(tensor, int(self.stored), int(dense_bytes), encoding, min_opset,

@@ -46,7 +46,9 @@ def encode_int_values(graph: gs.Graph, name: str, q: np.ndarray, scale: np.ndarr
         scale: [C] along ``axis`` or a scalar for ``axis=None``.
         decode: ``"dq"`` (DequantizeLinear; kept by onnxruntime, fuses with activation
             Q/DQ) or ``"float"`` (Cast + Mul; folded by onnxruntime).
-        dtype: dtype of the decoded tensor (float32 or float16).
+        dtype: dtype of the decoded tensor (float32 or float16). A float16 tensor is
+            decoded in float32 and cast at the end, so onnxruntime can fold the decode;
+            the scale holds float16 values (rounded once) stored as float32.
 
     Returns:
         Encoded; min_opset 21 for int4, for int8 13 ("dq" per channel), 10 ("dq" per
@@ -64,30 +66,33 @@ def encode_int_values(graph: gs.Graph, name: str, q: np.ndarray, scale: np.ndarr
     store = ml_dtypes.int4 if bits == 4 else np.int8
     stored = b.const("q", q.astype(store))
     if decode == "dq":
-        zero = b.const("zero_point", np.zeros(scale.shape, store))
-        attrs = {} if axis is None else {"axis": axis}
-        out = b.op("DequantizeLinear", [stored, b.const("scale", scale), zero], scale.dtype,
-                   list(q.shape), **attrs)
+        out = _dequantize(b, stored, store, scale, q.shape, axis)
     else:
         out = _cast_mul(b, stored, scale, q.shape, axis)
-    return b.finish(out, q.size * scale.itemsize, f"int{bits}-{decode}", opset)
+    return b.finish(b.cast(out, dtype, q.shape), q.size * scale.itemsize,
+                    f"int{bits}-{decode}", opset)
 
 
 def _cast_mul(b: _Builder, stored, scale, shape, axis) -> gs.Variable:
-    """q -> Cast -> Mul(scale); a float16 weight is decoded in float32 and cast at the end:
-    onnxruntime has no float16 Mul on CPU, so it could not fold that decode and would
-    run it on every inference (measured: SqueezeNet fp16 1.5x slower)."""
+    """q -> Cast -> Mul(scale) in float32; a float16 weight's caller casts at the end:
+    onnxruntime has no float16 Mul on CPU, so it could not fold a float16 decode and
+    would run it on every inference (measured: SqueezeNet fp16 1.5x slower)."""
     if axis is not None:
         view = [1] * len(shape)
         view[axis] = -1
         scale = scale.reshape(view)
     wide = scale.astype(np.float32)
     cast = b.op("Cast", [stored], np.float32, list(shape), to=onnx.TensorProto.FLOAT)
-    out = b.op("Mul", [cast, b.const("scale", wide)], np.float32, list(shape))
-    if scale.dtype == np.float32:
-        return out
-    return b.op("Cast", [out], scale.dtype, list(shape),
-                to=onnx.helper.np_dtype_to_tensor_dtype(scale.dtype))
+    return b.op("Mul", [cast, b.const("scale", wide)], np.float32, list(shape))
+
+
+def _dequantize(b: _Builder, stored, store, scale, shape, axis) -> gs.Variable:
+    """DequantizeLinear(stored, scale, 0) in float32: a float16 scale needs opset 19, and
+    the caller casts a float16 weight at the end as for ``_cast_mul``."""
+    zero = b.const("zero_point", np.zeros(scale.shape, store))
+    attrs = {} if axis is None else {"axis": axis}
+    return b.op("DequantizeLinear", [stored, b.const("scale", scale.astype(np.float32)), zero],
+                np.float32, list(shape), **attrs)
 
 
 def _check_int(q, scale, bits, axis, decode) -> int:
@@ -114,6 +119,9 @@ def dequantize(graph: gs.Graph, encoded: Encoded, scale: np.ndarray, axis: int |
     Used for an int8 codebook or a sparse int8 tensor, so the decoded integers feed a
     DQ -> Conv that onnxruntime fuses with activation Q/DQ into QLinearConv.
 
+    Args:
+        dtype: dtype of the decoded tensor; float16 dequantizes in float32 and casts.
+
     Returns:
         Encoded of the float tensor; min_opset max(encoded's, 13 per channel / 10).
     """
@@ -122,10 +130,8 @@ def dequantize(graph: gs.Graph, encoded: Encoded, scale: np.ndarray, axis: int |
     opset = max(encoded.min_opset, 10 if axis is None else 13)
     _require_opset(graph, opset, "DequantizeLinear")
     b = _Builder(graph, encoded.source, taken)
-    zero = b.const("zero_point", np.zeros(scale.shape, tensor.dtype))
-    attrs = {} if axis is None else {"axis": axis}
-    out = b.op("DequantizeLinear", [tensor, b.const("scale", scale), zero], scale.dtype,
-               tensor.shape, **attrs)
+    out = b.cast(_dequantize(b, tensor, tensor.dtype, scale, tensor.shape, axis), dtype,
+                 tensor.shape)
     dense = encoded.dense_bytes // np.dtype(tensor.dtype).itemsize * scale.itemsize
     return Encoded(out, encoded.stored_bytes + b.stored, dense, encoded.encoding + "+dq",
                    opset, encoded.source, encoded.file_bytes + b.file)

@@ -35,9 +35,13 @@ indices of the nonzeros as its values: n/8 + nnz * b/8 bytes instead of n * b/8,
 3 bits per weight at 50 % sparsity and 4 bits); a weight left unclustered is stored
 sparse again as prune-weights left it.
 
-Declines when: the weight is not a float32 constant, is shared by several nodes, the
-Conv is not 2-D or uses auto_pad, a Gemm uses transA, or the encoding would not make
-the file smaller (tiny tensors).
+float16 models stay float16: a float16 weight's codebook holds float16 entries and its
+Gather decodes float16 (a ``scaled`` one multiplies in float32 and casts at the end:
+onnxruntime has no float16 Mul on CPU to fold), a corrected bias keeps its dtype.
+
+Declines when: the weight is not a float32 or float16 constant, is shared by several
+nodes, the Conv is not 2-D or uses auto_pad, a Gemm uses transA, or the encoding would
+not make the file smaller (tiny tensors).
 """
 
 from __future__ import annotations
@@ -308,25 +312,26 @@ def _plain_shift(site: sites.Site, clustered: sites.Clustered, grams) -> np.ndar
 
 
 def _probe_values(site: sites.Site, clustered: sites.Clustered, shift) -> dict:
-    """{initializer name: value} of the site's decoded weight (and shifted bias)."""
+    """{initializer name: value} of the site's decoded weight (and shifted bias), each
+    in its initializer's dtype (they are fed for it)."""
     w2 = clustered.decoded()
     shape = np.asarray(site.const.values).shape
     out = {site.const.name: (w2.T if site.transposed else w2).reshape(shape).astype(
-        np.float32)}
+        site.dtype)}
     if shift is not None and isinstance(site.bias, gs.Constant):
         bias = np.asarray(site.bias.values)
-        out[site.bias.name] = (bias + shift.reshape(bias.shape)).astype(np.float32)
+        out[site.bias.name] = (bias + shift.reshape(bias.shape)).astype(bias.dtype)
     return out
 
 
 def _correct_bias(site: sites.Site, shift: np.ndarray, taken) -> None:
-    """b' = b + shift, as a new constant."""
+    """b' = b + shift, as a new constant of the bias's dtype (a new one: the weight's)."""
     old = site.bias
     fresh = isinstance(old, str)
-    value = np.zeros(shift.shape, np.float32) if fresh else np.asarray(old.values)
+    value = np.zeros(shift.shape, site.dtype) if fresh else np.asarray(old.values)
     base = site.const.name if fresh else old.name
     new = gs.Constant(unique_name(taken, f"{base}_cluster_bias"),
-                      (value + shift.reshape(value.shape)).astype(np.float32))
+                      (value + shift.reshape(value.shape)).astype(value.dtype))
     if len(site.node.inputs) < 3:
         site.node.inputs.append(new)
     else:

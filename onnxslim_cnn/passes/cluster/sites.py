@@ -1,9 +1,11 @@
 """The weights cluster-weights can share, and one clustering of one weight.
 
-A site is a Conv (2-D), Gemm or MatMul whose weight is a float32 constant read by that
-node alone. Its weight is viewed as W2 [O, P]: one row per output channel, in the order
-the layer multiplies it with an input patch (Conv: [O, C/g * kh * kw]; Gemm with
-transB=0 and MatMul store [K, O] and are transposed).
+A site is a Conv (2-D), Gemm or MatMul whose weight is a float32 or float16 constant
+read by that node alone. Its weight is viewed as W2 [O, P]: one row per output channel,
+in the order the layer multiplies it with an input patch (Conv: [O, C/g * kh * kw]; Gemm
+with transB=0 and MatMul store [K, O] and are transposed). The clustering runs in
+float64 whatever the weight's dtype; a float16 weight gets float16 codebook entries
+(its decode stays float16, storage.encode_codebook).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .refine import ConvGeom
 
 ZERO_FRACTION = 0.01  # more exact zeros than this: the layer was pruned, keep them exact
 GRANULARITIES = ("tensor", "scaled", "channel")
+FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 @dataclass
@@ -34,15 +37,23 @@ class Site:
     pruned: bool
     bias: gs.Constant | str | None = None  # the bias to correct, "new" to add one, None
 
-
     @property
     def size(self) -> int:
         return int(self.w2.size)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored weight's dtype, which its decode and a corrected bias keep."""
+        return np.asarray(self.const.values).dtype
 
 
 @dataclass
 class Clustered:
     """One clustering of a site: indices [O, P], codebook [R, k] float32, SQNRs.
+
+    ``dtype``: the weight's; with float16 the entries of a ``tensor`` or ``channel``
+    codebook are float16 values (the decode gathers them as float16), a ``scaled`` one
+    stays float32 (its product is taken in float32 and cast).
 
     ``granularity`` (GRANULARITIES): ``tensor`` (R = 1), ``channel`` (R = O) or
     ``scaled``: one shared codebook (R = 1) times a per-channel ``scale`` [O], i.e.
@@ -61,6 +72,7 @@ class Clustered:
     refined: bool
     scale: np.ndarray | None = None
     zeros: bool = False
+    dtype: np.dtype = np.dtype(np.float32)
 
     @property
     def per_channel(self) -> bool:
@@ -77,7 +89,11 @@ class Clustered:
         nnz = self._sparse_nonzeros()
         indices = -(-self.idx.size * self.bits // 8) if nnz is None else \
             -(-self.idx.size // 8) - (-nnz * self.bits // 8)
-        return indices + self.codebook.size * 4 + 4 * channels
+        return indices + self.codebook.size * self.table_dtype.itemsize + 4 * channels
+
+    @property
+    def table_dtype(self) -> np.dtype:
+        return table_dtype(self.granularity, self.dtype)
 
     def _sparse_nonzeros(self) -> int | None:
         """The nonzero count when the indices are stored sparse (mask + nonzeros' indices
@@ -133,8 +149,8 @@ def _site(node: gs.Node) -> Site | str:
     if not isinstance(const, gs.Constant):
         return not_constant(const)
     w = np.asarray(const.values)
-    if w.dtype != np.float32:
-        return "weight is not float32"
+    if w.dtype not in FLOATS:
+        return "weight is not float32 or float16"
     if len(const.outputs) != 1:
         return "weight is shared by several nodes"
     layout = _layout(node, w)
@@ -158,7 +174,7 @@ def _bias(node: gs.Node, channels: int) -> gs.Constant | str | None:
         return "new"
     bias = node.inputs[2]
     ok = isinstance(bias, gs.Constant) and len(bias.outputs) == 1 and \
-        np.asarray(bias.values).dtype == np.float32 and \
+        np.asarray(bias.values).dtype in FLOATS and \
         np.asarray(bias.values).size == channels and np.asarray(bias.values).ndim <= 2
     return bias if ok else None
 
@@ -212,9 +228,10 @@ def cluster(site: Site, bits: int, granularity: str, quad: refine.Quadratic,
         cent = np.concatenate([np.zeros((cent.shape[0], 1)), cent], axis=1)
         idx = np.where(rows == 0, 0, idx + 1)
     idx = idx.reshape(site.w2.shape)
-    book = cent.astype(np.float32)
+    book = stored(cent, granularity, site.dtype)
     base = quad.direct_sqnr_db(decode(idx, book, scale))
-    result = Clustered(bits, granularity, idx, book, base, base, False, scale, site.pruned)
+    result = Clustered(bits, granularity, idx, book, base, base, False, scale, site.pruned,
+                       site.dtype)
     if data_aware and quad.s is not None and k <= refine.MAX_K:
         _refine(result, quad, zero)
     return result
@@ -233,10 +250,24 @@ def _refine(result: Clustered, quad: refine.Quadratic, zero) -> None:
     a, b = quad.normal_equations(idx, k)
     if scale is not None:  # w'_o = scale_o M_o c: the shared c sees scaled equations
         a, b = a * (scale ** 2)[:, None, None], b * scale[:, None]
-    better = refine.solve(a, b, result.codebook.astype(np.float64), zero).astype(np.float32)
+    better = stored(refine.solve(a, b, result.codebook.astype(np.float64), zero),
+                    result.granularity, result.dtype)
     score = quad.direct_sqnr_db(decode(idx, better, scale))
     if score > result.sqnr_db:
         result.idx, result.codebook, result.sqnr_db, result.refined = idx, better, score, True
+
+
+def table_dtype(granularity: str, dtype) -> np.dtype:
+    """The dtype a codebook is stored in: the weight's, float32 for ``scaled`` (its
+    product is taken in float32, storage.encode_codebook)."""
+    return np.dtype(np.float32) if granularity == "scaled" else np.dtype(dtype)
+
+
+def stored(codebook: np.ndarray, granularity: str, dtype) -> np.ndarray:
+    """``codebook`` [R, k] as float32 holding the values its table will store (float16
+    values for a float16 weight's tensor/channel codebook, which the decode gathers as
+    they are), so that ``Clustered.decoded`` is what the model computes."""
+    return codebook.astype(table_dtype(granularity, dtype)).astype(np.float32)
 
 
 def decode(idx: np.ndarray, codebook: np.ndarray, scale: np.ndarray | None = None
@@ -256,10 +287,11 @@ def encode(graph: gs.Graph, name: str, site: Site, clustered: Clustered, taken: 
     idx = (clustered.idx.T if site.transposed else clustered.idx).reshape(
         site.const.values.shape)
     book = clustered.codebook if clustered.per_channel else clustered.codebook[0]
+    book = book.astype(clustered.table_dtype)
     if clustered.sparse:
         return storage.encode_sparse(graph, name, book[idx], taken,
                                      storage.codebook_values(book, clustered.bits))
     layout = {} if clustered.granularity == "tensor" else {
         "per_channel_axis": site.axis, "channel_scale": clustered.scale}
     return storage.encode_codebook(graph, name, idx, book, clustered.bits, taken=taken,
-                                   **layout)
+                                   dtype=site.dtype, **layout)

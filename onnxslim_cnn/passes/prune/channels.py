@@ -133,6 +133,8 @@ class PruneChannels(Pass):
             return {}
         layers = [gram.layer_of(_layer(c)) for s in chosen for c in s.consumers]
         layers = [v for v in layers if not isinstance(v, str)]
+        if not layers:  # no consumer with a weight to score or re-fit by
+            return {}
         return gram.collect_grams(model, layers, subset(ctx.calib, self.options.refit_samples),
                                   ctx.progress)
 
@@ -169,10 +171,10 @@ def _layer(node: gs.Node) -> gs.Node:
 
 
 def _set_layer(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:
-    """Install re-fitted rows w~' [1, O, K+1] as the layer's weight and bias."""
+    """Install re-fitted rows w~' [1, O, K+1] as the layer's weight and bias (in their
+    own dtypes)."""
     node = layer.node
-    weight = layer.unmatrix(new[:, :, :-1]).astype(np.float32)
-    bias = new[0, :, -1].astype(np.float32)
+    weight, bias = layer.new_values(new)
     old = node.inputs[2].name if layer.bias is not None else f"{node.outputs[0].name}_b"
     node.inputs = [node.inputs[0],
                    gs.Constant(unique_name(taken, f"{node.inputs[1].name}_refit"), weight),

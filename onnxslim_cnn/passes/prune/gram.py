@@ -32,6 +32,9 @@ from ..qdq.calibrate import with_outputs
 
 RIDGE = 1e-3
 TOTAL_ROWS = 8192
+# weight dtypes a layer may have: the math runs in float64 either way, and new weights
+# are written back in the layer's own dtype (``Layer.new_values``)
+FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 @dataclass
@@ -73,6 +76,17 @@ class Layer:
             return m[0]
         return np.ascontiguousarray(m[0].T)
 
+    def new_values(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight, bias) from new rows w~' [G, O/G, K(+1)], in the dtypes of the
+        layer's weight and bias (a bias the layer lacks: the weight's); the bias is
+        None without a bias column."""
+        k = self.matrix().shape[2]
+        weight = self.unmatrix(rows[:, :, :k]).astype(self.weight.dtype)
+        if rows.shape[2] == k:
+            return weight, None
+        dtype = self.weight.dtype if self.bias is None else self.bias.dtype
+        return weight, rows[:, :, k].reshape(-1).astype(dtype)
+
     def bias_vector(self) -> np.ndarray:
         rows = self.matrix().shape[0] * self.matrix().shape[1]
         return np.zeros(rows) if self.bias is None else self.bias.astype(np.float64)
@@ -91,8 +105,8 @@ def layer_of(node: gs.Node) -> Layer | str:
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1
                               or node.attrs.get("beta", 1.0) != 1):
         return "Gemm uses transA, alpha or beta"
-    if weight.ndim != (4 if node.op == "Conv" else 2) or weight.dtype != np.float32:
-        return "weight is not a float32 matrix/kernel"
+    if weight.ndim != (4 if node.op == "Conv" else 2) or weight.dtype not in FLOATS:
+        return "weight is not a float32/float16 matrix/kernel"
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
         bias = const_value(node.inputs[2])

@@ -102,13 +102,13 @@ def _with_initializer(model: onnx.ModelProto, index: int, value: np.ndarray
 def _with_initializers(model: onnx.ModelProto, values: dict[int, np.ndarray]
                        ) -> onnx.ModelProto:
     """A copy of ``model`` (one copy) whose initializers at the given indices hold
-    ``values`` as float32."""
+    ``values``, each in that initializer's dtype (float16 stays float16)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for index, value in values.items():
-        name = probe.graph.initializer[index].name
-        probe.graph.initializer[index].CopyFrom(numpy_helper.from_array(
-            value.astype(np.float32), name))
+        init = probe.graph.initializer[index]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
     return probe
 
 

@@ -8,7 +8,7 @@ Before:  x -> Conv(W, b) -> y
 After:   unpack(mask) -> CumSum -> Gather(values) -> W' (folded at load)
          x -> Conv(W', b') -> y       W' zero where pruned, kept weights and b re-fitted
 
-Layers: Conv/Gemm/MatMul with a constant float32 weight read by them alone
+Layers: Conv/Gemm/MatMul with a constant float32 or float16 weight read by them alone
 (``prune_ops``), except the first and the last compute layer (the stem conv and the
 classifier) unless ``prune_first_last``. "Prunable layers" are these; the sparsity
 target is the fraction of *their* weights set to zero.
@@ -33,9 +33,12 @@ also repairs upstream error (``err_mask_seq_db`` is masking on those inputs); tw
 forwards per wave, off by default.
 Storage: ``storage.encode_sparse`` when its ``file_bytes`` are below the dense
 initializer's, else the pruned weight stays dense (reason counted).
+float16 models stay float16: the re-fit runs in float64 and the new weight and bias are
+written back in their own dtypes; the sparse decode (Concat, Gather: no arithmetic)
+then runs in float16, which onnxruntime's CPU provider has and folds at load.
 
-Declines when: the weight is not constant or shared, a Conv is not 2-D or uses
-auto_pad SAME, a Gemm uses transA/alpha/beta, the layer is first/last.
+Declines when: the weight is not a float32/float16 constant or is shared, a Conv is not
+2-D or uses auto_pad SAME, a Gemm uses transA/alpha/beta, the layer is first/last.
 """
 
 from __future__ import annotations
@@ -191,12 +194,12 @@ def select_layers(graph: gs.Graph, options: PruneWeightsOptions, result: PassRes
 
 
 def _set_dense(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:
-    """Install the pruned rows w~' [G, O/G, K(+1)] as the layer's weight and bias."""
-    node, k = layer.node, layer.matrix().shape[2]
-    weight = layer.unmatrix(new[:, :, :k]).astype(np.float32)
+    """Install the pruned rows w~' [G, O/G, K(+1)] as the layer's weight and bias (in
+    their own dtypes)."""
+    node = layer.node
+    weight, bias = layer.new_values(new)
     node.inputs[1] = gs.Constant(unique_name(taken, f"{node.inputs[1].name}_pruned"), weight)
-    if layer.has_bias_slot and (layer.bias is not None or np.any(new[:, :, k])):
-        bias = new[:, :, k].reshape(-1).astype(np.float32)
+    if bias is not None and (layer.bias is not None or np.any(bias)):
         old = node.inputs[2].name if layer.bias is not None else f"{node.outputs[0].name}_b"
         constant = gs.Constant(unique_name(taken, f"{old}_refit"), bias)
         node.inputs = [node.inputs[0], node.inputs[1], constant]

@@ -164,7 +164,7 @@ class Materializer:
         site.node.inputs[site.index] = dq
 
     def _codebook(self, site: WeightSite, wq: WeightQuant) -> None:
-        """Gather(codebook_f32, idx) [-> Mul(channel scale)] -> W  becomes
+        """Gather(codebook_f32, idx) [-> Mul(channel scale)] [-> Cast] -> W  becomes
         DQ(Gather(codebook_i8, idx), s) -> W (the channel scale folded into s):
         onnxruntime folds the Gather at load and fuses the DQ into its int8 kernel."""
         found = site.codebook
@@ -173,10 +173,12 @@ class Materializer:
         found.gather.inputs[0] = self._const(f"{found.table.name}_q", wq.table)
         decoded = found.gather.outputs[0]
         decoded.dtype = np.int8
-        if found.mul is not None:  # its scale is in the DequantizeLinear's now
-            found.mul.inputs.clear()
-            found.mul.outputs.clear()
-            self.graph.nodes.remove(found.mul)
+        # the Mul's scale is in the DequantizeLinear's now; the DequantizeLinear writes
+        # the float the (upcast) Cast of a float16 weight's decode wrote
+        for node in (n for n in (found.mul, found.cast) if n is not None):
+            node.inputs.clear()
+            node.outputs.clear()
+            self.graph.nodes.remove(node)
         zero = np.zeros(np.shape(scale), np.int8)
         dq = self._node("DequantizeLinear", f"{decoded.name}_dq",
                         [decoded, self._const(f"{decoded.name}_s", scale),
