@@ -142,7 +142,7 @@ def _check_numbers(args) -> None:
 
 def _pass_options(g) -> None:
     g.add_argument("--calib-method", choices=("minmax", "percentile", "entropy", "mse"),
-                   help="qdq-int8: activation range method (default mse)")
+                   help="qdq-int8: activation range method (default percentile)")
     g.add_argument("--percentile", type=float, help="qdq-int8: percentile of the "
                    "percentile method (default 99.999, as onnxruntime)")
     g.add_argument("--activation-type", choices=("uint8", "int8"),

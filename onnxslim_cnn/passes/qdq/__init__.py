@@ -36,7 +36,12 @@ class QdqOptions:
     """Options of qdq-int8.
 
     Attributes:
-        calib_method: activation range method, one of METHODS.
+        calib_method: activation range method, one of METHODS. ``percentile`` by
+            default: top-1 agreement with fp32 on images not calibrated on (preset
+            int8, 100 calibration images per draw) SqueezeNet 96.8/96.8/96.8 % against
+            ``mse``'s 96.0/95.5/95.5 % (400 images, 3 draws), ResNet-8 level (2000
+            images, 4 draws, within 0.3), EfficientNet-Lite0 98.2/98.0 % against
+            98.0/98.5 % (400 images, 2 draws); output cosine higher in 7 of those 9.
         percentile: the percentile of the ``percentile`` method.
         activation_type: ``uint8`` (asymmetric; the fast x86 path) or ``int8``.
         reduce_range: ``auto`` lowers weight ranges only in output channels whose
@@ -72,7 +77,7 @@ class QdqOptions:
             by onnxruntime and would cost ~30 % latency).
     """
 
-    calib_method: str = "mse"
+    calib_method: str = "percentile"
     percentile: float = 99.999
     activation_type: str = "uint8"
     reduce_range: str = "auto"
