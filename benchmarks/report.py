@@ -168,11 +168,15 @@ _LEGEND = (
 
 def _model_section(model: dict, plot: Path | None, out: Path) -> list[str]:
     lines = [f"## {model['name']}", "", _data_line(model), ""]
-    lines.append("| " + " | ".join(h for h, _ in COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
+    columns = COLUMNS
+    if len(model.get("runs") or []) > 1:  # rows of several runs: say which measured each
+        columns = (COLUMNS[0], ("run", lambda r: str(r["run"] + 1) if "run" in r else "—"),
+                   *COLUMNS[1:])
+    lines.append("| " + " | ".join(h for h, _ in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for row in model["rows"]:
         if row["status"] == "ok":
-            lines.append("| " + " | ".join(fmt(row) for _, fmt in COLUMNS) + " |")
+            lines.append("| " + " | ".join(fmt(row) for _, fmt in columns) + " |")
     notes = [_note(row) for row in model["rows"] if row["status"] != "ok" or row["notes"]]
     notes += _identical(model["rows"]) + _best_static(model["rows"]) + _summary(model["rows"])
     lines += [""] + notes if notes else []

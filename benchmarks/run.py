@@ -266,15 +266,16 @@ def merge(runs: list[dict]) -> dict:
     calibration and validation counts): a later run under other conditions replaces the
     model's whole table. Each model records the runs its rows come from (``runs``). A
     merged result among the inputs counts as the runs it lists."""
-    metas, entries = [], []  # every run's meta; (model, indices of its runs in metas)
+    metas, entries = [], []  # every run's meta; (model, indices of its runs in metas,
+    # offset of its result's runs in metas)
     for run in runs:
         listed = run["meta"].get("runs") or [{}]
         base = len(metas)
         metas.extend(dict(run["meta"], **sub) for sub in listed)
-        entries.extend((model, [base + i for i in model.get("runs", [0])])
+        entries.extend((model, [base + i for i in model.get("runs", [0])], base)
                        for model in run["models"])
     models: dict[str, dict] = {}
-    for model, source in entries:
+    for model, source, base in entries:
         kept = models.get(model["name"])
         if kept is None or _conditions(kept, metas) != _conditions(dict(model, runs=source),
                                                                    metas):
@@ -282,6 +283,10 @@ def merge(runs: list[dict]) -> dict:
         kept["runs"] = sorted(set(kept["runs"]) | set(source))
         tools = {r["tool"]: i for i, r in enumerate(kept["rows"])}
         for row in model["rows"]:
+            # the run that measured this row (a merged input's own runs are renumbered;
+            # a row of a result merged before rows named their run stays unnamed)
+            if "run" in row or len(source) == 1:
+                row = dict(row, run=base + row["run"] if "run" in row else source[0])
             if row["tool"] in tools:
                 kept["rows"][tools[row["tool"]]] = row
             else:
@@ -294,6 +299,8 @@ def merge(runs: list[dict]) -> dict:
     renumber = {old: new for new, old in enumerate(used)}
     for model in models.values():
         model["runs"] = [renumber[i] for i in model["runs"]]
+        for row in (r for r in model["rows"] if "run" in r):
+            row["run"] = renumber[row["run"]]
     return {"meta": meta, "models": list(models.values())}
 
 

@@ -256,6 +256,18 @@ def test_benchmarks_merge_never_mixes_machines_or_image_counts_in_one_table():
     tables = {m["name"]: m for m in again["models"]}
     assert tables["m"]["runs"] == [2, 3] and tables["nB"]["runs"] == [1]
     assert [r["tool"] for r in tables["m"]["rows"]] == ["fp32", "ours-int8", "nncf"]
+    # each row names the run that measured it, and the table shows it when runs mix
+    assert [r["run"] for r in tables["m"]["rows"]] == [2, 2, 3]
+    assert [r["run"] for r in tables["nA"]["rows"]] == [0, 0]
+    from benchmarks import report
+    info = {"kind": "shared", "path": "model.onnx", "opset": 13, "data": "d", "calib_count": 1}
+
+    def section(model):
+        return report._model_section(dict(model, **info), None, Path("."))
+
+    assert section(tables["m"])[4].startswith("| tool | run | size MB")
+    assert [line.split(" | ")[1] for line in section(tables["m"])[6:9]] == ["3", "3", "4"]
+    assert "| run |" not in section(tables["nA"])[4]
 
 
 def test_benchmarks_gate_samples_are_ours_to_validate_and_never_measured():
