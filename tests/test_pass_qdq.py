@@ -37,6 +37,24 @@ def cnn_weights(seed=0):
             "w3": rand((10, 16), seed + 4, 0.3), "b3": rand((10,), seed + 5, 0.1)}
 
 
+# x -> Conv -> Relu -> GAP -> Flatten -> Gemm -> y (wide enough for codebooks to pay)
+CONV_GEMM = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N, 16, 8, 8] x) => (float[N, 64] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r = Relu (c)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, w2, b2)
+}
+"""
+
+
+def conv_gemm_weights():
+    return {"w1": rand((32, 16, 3, 3), 0, 0.2), "b1": rand((32,), 1, 0.1),
+            "w2": rand((64, 32), 2, 0.3), "b2": rand((64,), 3, 0.1)}
+
+
 def calib(model_shape=(4, 3, 16, 16), batches=4, seed=100):
     return [{"x": rand(model_shape, seed + i)} for i in range(batches)]
 
@@ -96,19 +114,7 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
     onnxruntime folds Gather and fuses the DQ into QLinearConv/QGemm."""
     from onnxslim_cnn.passes.cluster import ClusterWeights
 
-    text = """
-    <ir_version: 8, opset_import: ["" : 14]>
-    g (float[N, 16, 8, 8] x) => (float[N, 64] y) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-        r = Relu (c)
-        p = GlobalAveragePool (r)
-        f = Flatten (p)
-        y = Gemm <transB = 1> (f, w2, b2)
-    }
-    """
-    init = {"w1": rand((32, 16, 3, 3), 0, 0.2), "b1": rand((32,), 1, 0.1),
-            "w2": rand((64, 32), 2, 0.3), "b2": rand((64,), 3, 0.1)}
-    model = make_model(text, init)
+    model = make_model(CONV_GEMM, conv_gemm_weights())
     ctx = PassContext(calib=calib((4, 16, 8, 8)))
     clustered, cres = apply_pass(ClusterWeights, model,
                                  {"bits": bits, "granularity": granularity}, ctx)
@@ -144,19 +150,8 @@ def test_qdq_after_cluster_float16_model_runs_int8_kernels(tmp_path, granularity
     (2-bit per-channel codebooks: at 4 bits the Gemm's 4 kB of float16 would not pay.)"""
     from onnxslim_cnn.passes.cluster import ClusterWeights
 
-    text = """
-    <ir_version: 8, opset_import: ["" : 14]>
-    g (float16[N, 16, 8, 8] x) => (float16[N, 64] y) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-        r = Relu (c)
-        p = GlobalAveragePool (r)
-        f = Flatten (p)
-        y = Gemm <transB = 1> (f, w2, b2)
-    }
-    """
-    init = {"w1": rand((32, 16, 3, 3), 0, 0.2), "b1": rand((32,), 1, 0.1),
-            "w2": rand((64, 32), 2, 0.3), "b2": rand((64,), 3, 0.1)}
-    model = make_model(text, {k: v.astype(np.float16) for k, v in init.items()})
+    model = make_model(CONV_GEMM.replace("float[", "float16["),
+                       {k: v.astype(np.float16) for k, v in conv_gemm_weights().items()})
     ctx = PassContext(calib=[{"x": b["x"].astype(np.float16)} for b in calib((4, 16, 8, 8))])
     clustered, cres = apply_pass(ClusterWeights, model,
                                  {"bits": bits, "granularity": granularity}, ctx)
