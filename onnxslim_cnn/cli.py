@@ -164,7 +164,8 @@ def _pass_options(g) -> None:
                    "activation use fewer uint8 levels where that keeps wider weight ranges "
                    "under the AVX2 pair bound at a lower output error (auto, default)")
     g.add_argument("--int8-tails", choices=("on", "off"), help="qdq-int8: run the last conv "
-                   "before an averaging pool as an int8 kernel (on, default)")
+                   "before an averaging pool, and a conv only float ops read (LRN), as an "
+                   "int8 kernel (on, default)")
     g.add_argument("--latency-guard", choices=("on", "off"), help="qdq-int8: time int8 vs "
                    "float here and keep float compute with int8 weights when int8 is slower "
                    "(on, default)")

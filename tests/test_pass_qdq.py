@@ -380,6 +380,24 @@ def test_qdq_tail_pool_stays_float_without_int8_tails():
     assert result.stats["activations"] == 1
 
 
+@pytest.mark.parametrize("int8_tails", [True, False])
+def test_qdq_conv_read_only_by_float_ops_runs_int8(tmp_path, int8_tails):
+    """Inception v1's pattern: Conv -> Relu -> MaxPool -> LRN -> Conv. No quantized op
+    reads the first conv's output, yet it gets a Q/DQ so onnxruntime runs the conv as
+    an int8 kernel (LRN and the pool stay float); without int8 tails it stays float."""
+    text = CNN.replace("p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)",
+                       "m1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)\n"
+                       "    p1 = LRN <size = 3> (m1)")
+    model = make_model(text, cnn_weights())
+    out, _ = apply_pass(QdqInt8, model, {"int8_tails": int8_tails},
+                        PassContext(calib=calib()))
+    ops = optimized_ops(out, tmp_path)
+    assert ops["LRN"] == 1
+    assert ops["QLinearConv"] == (2 if int8_tails else 1), ops
+    feed = {"x": rand((8, 3, 16, 16), 999)}  # not calibration data
+    assert cosine(run(model, feed)["y"], run(out, feed, optimization="all")["y"]) > 0.999
+
+
 def test_qdq_fp32_layers_declines_named_layer():
     model = make_model(CNN, cnn_weights())
     conv2 = model.graph.node[3]

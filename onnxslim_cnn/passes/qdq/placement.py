@@ -109,6 +109,8 @@ def plan_graph(graph: gs.Graph, skip: set[str], weights_only: bool = False,
         if reason:
             plan.declined[reason] += 1
     _prune_tails(plan, int8_tails)
+    if int8_tails:
+        _float_read_convs(plan, {t.name for t in graph.outputs})
     _prune_ties(plan, tensors)
     return plan
 
@@ -254,6 +256,48 @@ def _prune_tails(plan: Plan, int8_tails: bool = True) -> None:
                    if n.op in POOLS and n.outputs[0].name not in plan.reads}
     plan.layers = [n for n in plan.layers if n.op in _WEIGHTED or (
         id(n) in readers and id(n) not in float_tails)]
+
+
+def _float_read_convs(plan: Plan, graph_outputs: set[str]) -> None:
+    """Quantize the output of a quantized Conv (through Relu/Clip) that only float ops
+    read, e.g. Inception v1's LRN or a MaxPool before it: onnxruntime runs a conv as
+    an int8 kernel only with a Q on its output, and left without one the conv runs in
+    float (the light Inception v1: its two heaviest-but-one convs, 0.96x the fp32
+    latency). The readers see the dequantized tensor, one more rounding of an
+    activation. Not for a graph output, nor for Gemm/MatMul (their int8 kernels can
+    write float), nor when a float Conv/Gemm/MatMul reads the tensor (through pools,
+    reshapes...): that layer was kept float because of its input's quantization."""
+    for node in [n for n in plan.layers if n.op == "Conv"]:
+        tensor = node.outputs[0]
+        while len(tensor.outputs) == 1 and tensor.outputs[0].op in ("Relu", "Clip"):
+            tensor = tensor.outputs[0].outputs[0]
+        if tensor.name in plan.reads or tensor.name in graph_outputs or \
+                not tensor.outputs or not _activation_ok(tensor) or _reaches_float_layer(tensor):
+            continue
+        for reader in tensor.outputs:
+            for index, value in enumerate(reader.inputs):
+                if value is tensor:
+                    plan.reads.setdefault(tensor.name, []).append((reader, index))
+
+
+_PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Relu",
+                 "Clip", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                 "Pad"}
+
+
+def _reaches_float_layer(tensor: gs.Tensor) -> bool:
+    """A float Conv/Gemm/MatMul reads ``tensor``, directly or through ops that pass its
+    values on: one kept float by ``skip`` or the SQNR fallback, which is float because
+    quantizing its input costs too much (an outlier channel)."""
+    todo, seen = [tensor], set()
+    while todo:
+        for reader in todo.pop().outputs:
+            if reader.op in _WEIGHTED:
+                return True
+            if reader.op in _PASS_THROUGH and id(reader) not in seen:
+                seen.add(id(reader))
+                todo.extend(reader.outputs)
+    return False
 
 
 def _after_int8_layer(tensor: gs.Tensor, plan: Plan) -> bool:
