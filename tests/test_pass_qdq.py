@@ -478,6 +478,27 @@ def test_qdq_entropy_range_of_a_relu_output_keeps_the_bulk():
     assert 3.5 < hi < 30.0  # 99.98 % of the mass lies below 3.5; the outliers are clipped
 
 
+def test_qdq_ranges_for_int8_activations_fit_the_symmetric_grid():
+    """On the int8 grid a ReLU output gets 127 levels, not the uint8 grid's 255: its
+    steps are twice as coarse, so the mse and entropy ranges clip more, and the mse
+    range chosen for it has the lower error on that grid."""
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.standard_normal(400_000), 0).astype(np.float32) ** 1.5
+    stats = calibrate.TensorStats()
+    stats.update(x.reshape(1, -1))
+    stats.add_histogram(x)
+    edges = np.linspace(0.0, float(x.max()), calibrate.BINS + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    for method in ("mse", "entropy"):
+        wide = calibrate.choose_range(stats, method)
+        narrow = calibrate.choose_range(stats, method, symmetric=True)
+        assert narrow[0] == 0.0 and 0 < narrow[1] < wide[1], method
+    wide, narrow = calibrate.choose_range(stats, "mse"), \
+        calibrate.choose_range(stats, "mse", symmetric=True)
+    assert calibrate.quant_error(stats.hist, centers, *narrow, symmetric=True) < \
+        calibrate.quant_error(stats.hist, centers, *wide, symmetric=True)
+
+
 def test_qdq_folds_batchnorm_so_the_conv_relu_pair_runs_int8(tmp_path):
     text = CNN.replace("r1 = Relu (c1)", "n1 = BatchNormalization (c1, g1, be1, m1, v1)\n"
                        "    r1 = Relu (n1)")

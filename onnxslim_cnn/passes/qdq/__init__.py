@@ -289,8 +289,9 @@ class QdqInt8(Pass):
         opts = self.options
         # A tail tensor is averaged by the pool that reads it: rounding noise averages
         # away, clipping bias does not, so it keeps its whole range.
+        symmetric = opts.activation_type != "uint8"
         ranges = {n: calibrate.choose_range(stats[n], "minmax" if n in plan.tails else
-                                            opts.calib_method, opts.percentile)
+                                            opts.calib_method, opts.percentile, symmetric)
                   for n in plan.reads}
         for group in plan.groups if opts.share_concat_scales else []:
             members = [n for n in group if n in ranges]

@@ -100,9 +100,10 @@ def collect(model: onnx.ModelProto, names: list[str], batches: list[dict],
         runner.close()
 
 
-def choose_range(stats: TensorStats, method: str, percentile: float = 99.999
-                 ) -> tuple[float, float]:
-    """[lo, hi] for one tensor (contains 0) by ``method``."""
+def choose_range(stats: TensorStats, method: str, percentile: float = 99.999,
+                 symmetric: bool = False) -> tuple[float, float]:
+    """[lo, hi] for one tensor (contains 0) by ``method``; ``symmetric``: for the int8
+    grid on [-b, b] (int8_params), else for the uint8 grid on [lo, hi]."""
     lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
     if method == "minmax" or stats.hist is None or hi <= lo:
         return lo, hi
@@ -111,8 +112,8 @@ def choose_range(stats: TensorStats, method: str, percentile: float = 99.999
     if method == "percentile":
         return _percentile(stats.hist, edges, percentile)
     if method == "entropy":
-        return _entropy(stats.hist, edges, lo, hi, stats.zeros)
-    return _mse(stats.hist, centers, lo, hi)
+        return _entropy(stats.hist, edges, lo, hi, stats.zeros, symmetric)
+    return _mse(stats.hist, centers, lo, hi, symmetric)
 
 
 def _percentile(hist, edges, p) -> tuple[float, float]:
@@ -122,25 +123,31 @@ def _percentile(hist, edges, p) -> tuple[float, float]:
     return min(float(lo), 0.0), max(float(hi), 0.0)
 
 
-def quant_error(hist, centers, lo, hi) -> float:
-    """Expected squared error of uniform 8-bit quantization of the histogram on [lo, hi]."""
-    scale = (hi - lo) / (LEVELS - 1)
+def quant_error(hist, centers, lo, hi, symmetric: bool = False) -> float:
+    """Expected squared error of uniform 8-bit quantization of the histogram on [lo, hi]
+    (``symmetric``: on the int8 grid [-b, b], b = max(|lo|, |hi|), 127 steps each side)."""
+    if symmetric:
+        bound = max(-lo, hi)
+        lo, hi, scale = -bound, bound, bound / 127
+    else:
+        scale = (hi - lo) / (LEVELS - 1)
     clipped = np.clip(centers, lo, hi)
     err = (centers - clipped) ** 2 + np.where(centers == clipped, scale**2 / 12, 0.0)
     return float(np.sum(hist * err))
 
 
-def _mse(hist, centers, lo, hi) -> tuple[float, float]:
-    best, best_err = (lo, hi), quant_error(hist, centers, lo, hi)
+def _mse(hist, centers, lo, hi, symmetric: bool = False) -> tuple[float, float]:
+    best, best_err = (lo, hi), quant_error(hist, centers, lo, hi, symmetric)
     for alpha in np.linspace(0.15, 1.0, 86)[:-1]:
         cand = (lo * alpha, hi * alpha)
-        err = quant_error(hist, centers, *cand)
+        err = quant_error(hist, centers, *cand, symmetric)
         if err < best_err:
             best, best_err = cand, err
     return float(best[0]), float(best[1])
 
 
-def _entropy(hist, edges, lo, hi, zeros: int = 0) -> tuple[float, float]:
+def _entropy(hist, edges, lo, hi, zeros: int = 0, symmetric: bool = False
+             ) -> tuple[float, float]:
     """KL-optimal threshold on the positive side; the negative side scales with it.
 
     Exact zeros (half of a ReLU output) are left out: the grid holds 0 exactly, and
@@ -148,13 +155,15 @@ def _entropy(hist, edges, lo, hi, zeros: int = 0) -> tuple[float, float]:
     the smallest threshold (measured on SqueezeNet: every ReLU clipped to 1/16 of its
     range, output cosine 0.02). The quantized histogram has as many levels as the
     uint8 grid on [lo, hi] puts on the positive side (255 for a ReLU output: with
-    TensorRT's 128, meant for a symmetric int8 grid, it clips twice as hard as needed)."""
+    TensorRT's 128, meant for a symmetric int8 grid, it clips twice as hard as needed);
+    127 on the ``symmetric`` int8 grid."""
     zero = int(np.searchsorted(edges, 0.0))
     pos = hist[max(zero - 1, 0):].copy()
     pos[0] = max(pos[0] - zeros, 0)
     if pos.sum() == 0:
         return lo, hi
-    levels = int(np.clip(round((LEVELS - 1) * hi / (hi - lo)), 16, LEVELS - 1))
+    levels = 127 if symmetric else \
+        int(np.clip(round((LEVELS - 1) * hi / (hi - lo)), 16, LEVELS - 1))
     best_i, best_kl = len(pos), np.inf
     for i in range(levels, len(pos) + 1, 16):
         kl = _kl(pos[:i].astype(np.float64), pos[i:].sum(), levels)
