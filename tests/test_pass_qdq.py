@@ -104,6 +104,25 @@ def test_qdq_float16_model_runs_int8_inside_and_keeps_float16_io(tmp_path):
     assert cosine(ref, got) > 0.999  # same bound as the float32 model
 
 
+def _cluster_then_qdq(model, ctx, granularity, bits):
+    """cluster-weights then qdq-int8 on the CONV_GEMM net: (clustered, out, int8 bytes,
+    packed index bytes), both layers' codebooks turned into int8 ones."""
+    from onnxslim_cnn.passes.cluster import ClusterWeights
+
+    clustered, cres = apply_pass(ClusterWeights, model,
+                                 {"bits": bits, "granularity": granularity}, ctx)
+    assert cres.stats["layers_clustered"] == 2
+    out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
+    coded = [r for r in result.layers if "weight_codebook" in r]
+    assert len(coded) == 2 and {r["weight_codebook"] for r in coded} == {
+        "int8 scaled per channel" if granularity == "scaled" else f"int8 per {granularity}"}
+    int8 = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8)
+    packed = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
+                 if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
+    return clustered, out, int8, packed
+
+
 @pytest.mark.parametrize(("granularity", "bits"), [("tensor", 5), ("channel", 4),
                                                    ("scaled", 3)])
 def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, granularity,
@@ -112,22 +131,10 @@ def test_qdq_after_cluster_keeps_packed_indices_and_runs_int8_kernels(tmp_path, 
     for the shared entries; per channel: one per row; scaled per channel: the shared
     entries, the channel scales in the DequantizeLinear), the packed indices stay, and
     onnxruntime folds Gather and fuses the DQ into QLinearConv/QGemm."""
-    from onnxslim_cnn.passes.cluster import ClusterWeights
-
     model = make_model(CONV_GEMM, conv_gemm_weights())
     ctx = PassContext(calib=calib((4, 16, 8, 8)))
-    clustered, cres = apply_pass(ClusterWeights, model,
-                                 {"bits": bits, "granularity": granularity}, ctx)
-    assert cres.stats["layers_clustered"] == 2
-    out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
-    coded = [r for r in result.layers if "weight_codebook" in r]
-    assert len(coded) == 2 and {r["weight_codebook"] for r in coded} == {
-        "int8 scaled per channel" if granularity == "scaled" else f"int8 per {granularity}"}
+    clustered, out, int8, packed = _cluster_then_qdq(model, ctx, granularity, bits)
     weights = 32 * 16 * 9 + 64 * 32
-    int8 = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
-               if t.data_type == onnx.TensorProto.INT8)
-    packed = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
-                 if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
     # codebooks only; indices packed (5 bits: a 4-bit and a 1-bit plane, added as uint8)
     assert int8 < weights / 4 and packed == weights * bits // 8
     if granularity == "scaled":  # 2 shared 8-entry codebooks + per-channel zero points
@@ -148,23 +155,11 @@ def test_qdq_after_cluster_float16_model_runs_int8_kernels(tmp_path, granularity
     scaled codebook's decode ends in Cast(to=FLOAT16)); qdq-int8 computes it in float32
     (Cast(to=FLOAT)), recognises the codebooks through that Cast and makes them int8.
     (2-bit per-channel codebooks: at 4 bits the Gemm's 4 kB of float16 would not pay.)"""
-    from onnxslim_cnn.passes.cluster import ClusterWeights
-
     model = make_model(CONV_GEMM.replace("float[", "float16["),
                        {k: v.astype(np.float16) for k, v in conv_gemm_weights().items()})
     ctx = PassContext(calib=[{"x": b["x"].astype(np.float16)} for b in calib((4, 16, 8, 8))])
-    clustered, cres = apply_pass(ClusterWeights, model,
-                                 {"bits": bits, "granularity": granularity}, ctx)
-    assert cres.stats["layers_clustered"] == 2
-    out, result = apply_pass(QdqInt8, clustered, ctx=ctx)
-    coded = [r for r in result.layers if "weight_codebook" in r]
-    assert len(coded) == 2 and {r["weight_codebook"] for r in coded} == {
-        "int8 scaled per channel" if granularity == "scaled" else f"int8 per {granularity}"}
+    clustered, out, int8, packed = _cluster_then_qdq(model, ctx, granularity, bits)
     weights = 32 * 16 * 9 + 64 * 32
-    int8 = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
-               if t.data_type == onnx.TensorProto.INT8)
-    packed = sum(onnx.numpy_helper.to_array(t).size for t in out.graph.initializer
-                 if t.data_type == onnx.TensorProto.UINT8 and "packed" in t.name)
     assert int8 < weights / 4 and packed == -(-weights * bits // 8)
     # Casts left: the float16 input's and output's, and the two index Casts; no decode
     # Cast (nor Mul) of a scaled codebook, its scale is in the DequantizeLinear's
