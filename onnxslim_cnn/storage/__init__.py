@@ -89,6 +89,7 @@ from .codebook import (
 )
 from .core import (
     DECODE_TAG,
+    FLOAT_DTYPES,
     INT4_TYPES,
     SPARSE_TAG,
     Encoded,
@@ -109,6 +110,7 @@ __all__ = [
     "CodebookDecode",
     "DECODE_TAG",
     "Encoded",
+    "FLOAT_DTYPES",
     "INT4_TYPES",
     "PLANES",
     "SPARSE_TAG",

@@ -10,7 +10,15 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UsageError
 from .bits import PLANES, _unpack
-from .core import DECODE_TAG, Encoded, ValuesEncoder, _Builder, _check_bits, _require_opset
+from .core import (
+    DECODE_TAG,
+    FLOAT_DTYPES,
+    Encoded,
+    ValuesEncoder,
+    _Builder,
+    _check_bits,
+    _require_opset,
+)
 
 
 def encode_codebook(graph: gs.Graph, name: str, indices: np.ndarray, codebook: np.ndarray,
@@ -132,8 +140,6 @@ class CodebookDecode:
     cast: gs.Node | None = None
 
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
-
 
 def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
     """The float32/float16 codebook decode that writes ``tensor`` (read by nothing else),
@@ -149,7 +155,7 @@ def find_codebook(tensor: gs.Tensor) -> CodebookDecode | None:
     if gather is None or gather.op != "Gather":
         return None
     table, index = gather.inputs
-    if not isinstance(table, gs.Constant) or np.asarray(table.values).dtype not in _FLOATS \
+    if not isinstance(table, gs.Constant) or np.asarray(table.values).dtype not in FLOAT_DTYPES \
             or len(table.outputs) != 1:
         return None
     offset = index.inputs[0] if isinstance(index, gs.Variable) and index.inputs else None

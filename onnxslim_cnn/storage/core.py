@@ -18,6 +18,8 @@ DECODE_TAG = "onnxslim_decode"
 
 
 SPARSE_TAG = "onnxslim_sparse"
+# float weight dtypes the encodings decode to (a float16 weight stays float16)
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 INT4_TYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))

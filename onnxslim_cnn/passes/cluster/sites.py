@@ -22,7 +22,6 @@ from .refine import ConvGeom
 
 ZERO_FRACTION = 0.01  # more exact zeros than this: the layer was pruned, keep them exact
 GRANULARITIES = ("tensor", "scaled", "channel")
-FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 @dataclass
@@ -149,7 +148,7 @@ def _site(node: gs.Node) -> Site | str:
     if not isinstance(const, gs.Constant):
         return not_constant(const)
     w = np.asarray(const.values)
-    if w.dtype not in FLOATS:
+    if w.dtype not in storage.FLOAT_DTYPES:
         return "weight is not float32 or float16"
     if len(const.outputs) != 1:
         return "weight is shared by several nodes"
@@ -174,7 +173,7 @@ def _bias(node: gs.Node, channels: int) -> gs.Constant | str | None:
         return "new"
     bias = node.inputs[2]
     ok = isinstance(bias, gs.Constant) and len(bias.outputs) == 1 and \
-        np.asarray(bias.values).dtype in FLOATS and \
+        np.asarray(bias.values).dtype in storage.FLOAT_DTYPES and \
         np.asarray(bias.values).size == channels and np.asarray(bias.values).ndim <= 2
     return bias if ok else None
 

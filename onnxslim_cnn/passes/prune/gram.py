@@ -25,16 +25,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ... import validate
+from ... import storage, validate
 from ..base import const_value, not_constant
 from ..cluster import refine
 from ..qdq.calibrate import with_outputs
 
 RIDGE = 1e-3
 TOTAL_ROWS = 8192
-# weight dtypes a layer may have: the math runs in float64 either way, and new weights
-# are written back in the layer's own dtype (``Layer.new_values``)
-FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 @dataclass
@@ -105,7 +102,7 @@ def layer_of(node: gs.Node) -> Layer | str:
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1
                               or node.attrs.get("beta", 1.0) != 1):
         return "Gemm uses transA, alpha or beta"
-    if weight.ndim != (4 if node.op == "Conv" else 2) or weight.dtype not in FLOATS:
+    if weight.ndim != (4 if node.op == "Conv" else 2) or weight.dtype not in storage.FLOAT_DTYPES:
         return "weight is not a float32/float16 matrix/kernel"
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
