@@ -131,6 +131,7 @@ def _cluster(results: Results) -> list[str]:
 def _prune(results: Results) -> list[str]:
     rows = {"ours-prune50": "`ours-prune50`",
             "ours-prune50-net": "`ours-prune50-net` (`--allocation network`)",
+            "ours-prune50-kd": "`ours-prune50-kd` (`--distill-steps 300`)",
             "ours-prune50-cluster4": "`ours-prune50-cluster4`",
             "ours-channels25": "`ours-channels25`"}
     lines = ["| row | " + " | ".join(MODELS.values()) + " |", "|---|---|---|---|"]

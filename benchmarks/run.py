@@ -69,6 +69,9 @@ TOOLS: dict[str, Tool] = {
     # Per-layer sparsity from each layer's measured model-output error (slower).
     "ours-prune50-net": ours(f"{CLEAN},prune-weights,{NAMES}", "--sparsity", "0.5",
                              "--allocation", "network", *OPEN_BUDGET),
+    # ... and then the pruned layers tuned together towards the original by distillation.
+    "ours-prune50-kd": ours(f"{CLEAN},prune-weights,{NAMES}", "--sparsity", "0.5",
+                            "--distill-steps", "300", *OPEN_BUDGET),
     "ours-channels25": ours(f"{CLEAN},prune-channels,{NAMES}", "--channel-ratio", "0.25",
                             *OPEN_BUDGET),
     # svd-split picks ranks from the budget itself (an opened budget lets it factor

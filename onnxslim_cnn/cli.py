@@ -191,6 +191,10 @@ def _pass_options(g) -> None:
     g.add_argument("--prune-sequential", dest="sequential", choices=("on", "off"),
                    help="prune-*: re-fit layer by layer on the already pruned model's "
                    "inputs (slower; default off for prune-weights, on for prune-channels)")
+    g.add_argument("--distill-steps", type=int, help="prune-weights, svd-split: after the "
+                   "per-layer fits, tune the kept weights of all pruned or split layers "
+                   "towards the original outputs on the calibration data for this many steps "
+                   "(knowledge distillation; default 0: off)")
     g.add_argument("--channel-ratio", type=float, help="prune-channels: fraction of the "
                    "channels of each prunable group removed (default 0.25)")
     g.add_argument("--channel-score", choices=("l2", "l1", "activation"),
@@ -234,8 +238,8 @@ def _cluster_options(g) -> None:
 
 PASS_OPTIONS = ("calib_method", "percentile", "activation_type", "reduce_range",
                 "bias_correction", "fallback_sqnr_db", "weights_only", "sparsity",
-                "threshold", "prune_ops", "prune_first_last", "allocation", "score",
-                "channel_ratio", "channel_score", "rank_ratio", "energy", "svd_error",
+                "threshold", "distill_steps", "prune_ops", "prune_first_last", "allocation",
+                "score", "channel_ratio", "channel_score", "rank_ratio", "energy", "svd_error",
                 "svd_mode", "svd_min_saving", "bits", "avg_bits", "min_sqnr_db", "granularity",
                 "kmeans_init", "data_aware", "auto_budget_share", "weight_rounding",
                 "activation_levels")

@@ -153,6 +153,21 @@ def _concat(values: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(values, axis=0)
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str], only: bool = False
+                 ) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (``only``: outputs just
+    them, so onnxruntime drops the nodes after them and runs less)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if only:
+        del out.graph.output[:]
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present:
+            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return out
+
+
 def run_model(model: onnx.ModelProto, batches: list[Batch], optimization: str = "all"):
     """Outputs of ``model`` on ``batches`` (one session, closed afterwards)."""
     runner = Runner(model, optimization)

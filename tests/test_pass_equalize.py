@@ -39,7 +39,7 @@ def calib():
 
 
 def channel_spread(model, tensor):
-    from onnxslim_cnn.passes.qdq.calibrate import with_outputs
+    from onnxslim_cnn.validate import with_outputs
 
     value = run(with_outputs(model, [tensor]), calib()[0])[tensor]
     cmax = value.max(axis=(0, 2, 3))

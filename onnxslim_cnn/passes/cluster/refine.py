@@ -36,7 +36,6 @@ import numpy as np
 import onnx
 
 from ... import validate
-from ..qdq.calibrate import with_outputs
 
 SAMPLES = 8192  # patches per layer over the whole calibration set
 PATCH_VALUES = 1 << 22  # values gathered per layer and batch (memory and time bound)
@@ -108,7 +107,7 @@ def collect_grams(model: onnx.ModelProto, layers: dict[str, tuple[str, ConvGeom]
         layers: layer key -> (input tensor name, geometry).
     """
     names = sorted({name for name, _ in layers.values()})
-    runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
+    runner = validate.Runner(validate.with_outputs(model, names, only=True), optimization="basic")
     rng = np.random.default_rng(seed)
     grams: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}

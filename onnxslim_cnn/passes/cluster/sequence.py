@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 
 from ... import validate
-from ..qdq.calibrate import with_outputs
 from . import refine
 
 MAX_SAMPLES = 32  # calibration samples (images) per wave
@@ -77,8 +76,8 @@ def collect(reference: onnx.ModelProto, working: onnx.ModelProto, wave: list,
     batches = first_samples(batches, MAX_SAMPLES)
     per_batch = max(1, -(-refine.SAMPLES // max(len(batches), 1)))
     acc = {s.key: _Sums() for s in wave}
-    ref = validate.Runner(with_outputs(reference, names, only=True), optimization="basic")
-    work = validate.Runner(with_outputs(working, names, only=True), optimization="basic")
+    ref = validate.Runner(validate.with_outputs(reference, names, only=True), optimization="basic")
+    work = validate.Runner(validate.with_outputs(working, names, only=True), optimization="basic")
     try:
         for i, batch in enumerate(batches):
             xo, xp = ref.run_batch(batch), work.run_batch(batch)

@@ -28,7 +28,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ... import storage, validate
 from ..base import const_value, not_constant
 from ..cluster import refine
-from ..qdq.calibrate import with_outputs
 
 RIDGE = 1e-3
 TOTAL_ROWS = 8192
@@ -193,7 +192,7 @@ def collect_grams(model, layers: list[Layer], batches: list[dict],
                   progress=lambda m: None) -> dict[str, np.ndarray]:
     """H of every layer (by name) over ``batches``, streamed through onnxruntime."""
     names = sorted({layer.input_name for layer in layers})
-    runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
+    runner = validate.Runner(validate.with_outputs(model, names, only=True), optimization="basic")
     grams: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
     try:
         for i, batch in enumerate(batches):
@@ -242,8 +241,8 @@ def cross_grams(reference, working, layer: Layer, batches: list[dict]):
     which also undoes part of the upstream error (SparseGPT/OBC-style sequential order).
     """
     name = layer.input_name
-    ref = validate.Runner(with_outputs(reference, [name], only=True), optimization="basic")
-    work = validate.Runner(with_outputs(working, [name], only=True), optimization="basic")
+    ref = validate.Runner(validate.with_outputs(reference, [name], only=True), optimization="basic")
+    work = validate.Runner(validate.with_outputs(working, [name], only=True), optimization="basic")
     hp = cross = None
     try:
         for batch in batches:

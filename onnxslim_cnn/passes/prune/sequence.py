@@ -22,7 +22,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import validate
-from ..qdq.calibrate import with_outputs
 from . import gram
 
 
@@ -48,8 +47,8 @@ def wave_grams(reference, working, layers: list[gram.Layer], batches: list[dict]
                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(Hp, C) of every layer of a wave (see gram.cross_grams), by layer name."""
     names = sorted({layer.input_name for layer in layers})
-    ref = validate.Runner(with_outputs(reference, names, only=True), optimization="basic")
-    work = validate.Runner(with_outputs(working, names, only=True), optimization="basic")
+    ref = validate.Runner(validate.with_outputs(reference, names, only=True), optimization="basic")
+    work = validate.Runner(validate.with_outputs(working, names, only=True), optimization="basic")
     hp: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
     cross = dict(hp)
     cap = gram.row_cap(batches)

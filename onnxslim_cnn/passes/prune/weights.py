@@ -31,6 +31,10 @@ the data with plain masking and after recovery,
 inputs of the already pruned model and it is fitted to the original outputs, which
 also repairs upstream error (``err_mask_seq_db`` is masking on those inputs); two
 forwards per wave, off by default.
+``distill_steps`` > 0 then tunes the kept weights and the biases of all pruned layers
+together against the unpruned model's outputs by gradient descent on the calibration
+data (onnxslim_cnn/recover): the re-fits above are per layer, this repairs
+what the layers' errors build together (zeros stay zeros).
 Storage: ``storage.encode_sparse`` when its ``file_bytes`` are below the dense
 initializer's, else the pruned weight stays dense (reason counted).
 float16 models stay float16: the re-fit runs in float64 and the new weight and bias are
@@ -51,6 +55,7 @@ from onnx import numpy_helper
 
 from ... import storage
 from ...errors import PreconditionError
+from ...recover.layers import tune_nodes
 from ..base import Pass, PassContext, PassResult, register, taken_names, unique_name
 from ..qdq.bias_correct import subset
 from . import allocate, gram, reach, recover, sequence
@@ -74,6 +79,7 @@ class PruneWeightsOptions:
     prune_method: str = "obs"
     sequential: bool = False
     refit_samples: int = 64
+    distill_steps: int = 0
 
 
 @register
@@ -89,6 +95,8 @@ class PruneWeights(Pass):
         o = self.options
         if o.sparsity is not None and not 0 <= o.sparsity < 1:
             raise PreconditionError(f"--sparsity must be in [0, 1), got {o.sparsity}")
+        if o.distill_steps < 0:
+            raise PreconditionError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
         if o.threshold is not None and o.threshold < 0:
             raise PreconditionError(f"--threshold must be 0 or more, got {o.threshold}")
         if o.allocation not in ALLOCATIONS or o.prune_method not in METHODS or \
@@ -117,6 +125,10 @@ class PruneWeights(Pass):
                     inputs.get(layer.name), self.options)
                 _set_dense(layer, new, taken)
         result.layers = [records[layer.name] for layer in layers]
+        if self.options.distill_steps and self.options.recovery and ctx.calib:
+            nodes = [layer.node for layer in layers]
+            tune_nodes(reference, graph, nodes, {n.name for n in nodes}, ctx,
+                       self.options.distill_steps, result, taken)
         for layer, record in zip(layers, result.layers, strict=True):
             _encode(graph, layer.node, taken, record, result)
         result.changed = True

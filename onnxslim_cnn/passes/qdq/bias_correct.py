@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import validate
-from .calibrate import TensorStats, with_outputs
+from .calibrate import TensorStats
 
 SAMPLES = 32
 
@@ -26,7 +26,7 @@ def output_means(graph: gs.Graph, names: list[str], batches: list[dict]) -> dict
     """Per-channel means of tensors ``names`` of ``graph`` over ``batches``."""
     if not names:  # onnxruntime refuses a model without outputs
         return {}
-    model = with_outputs(gs.export_onnx(graph, do_type_check=False), names, only=True)
+    model = validate.with_outputs(gs.export_onnx(graph, do_type_check=False), names, only=True)
     runner = validate.Runner(model, optimization="disable")
     try:
         stats = {n: TensorStats() for n in names}

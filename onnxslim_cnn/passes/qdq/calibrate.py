@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ... import validate
 
@@ -62,26 +61,11 @@ class TensorStats:
         self.zeros += int(np.count_nonzero(x == 0))
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str], only: bool = False
-                 ) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the tensors ``names`` (``only``: outputs just
-    them, so onnxruntime drops the nodes after them and runs less)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    if only:
-        del out.graph.output[:]
-    present = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in present:
-            out.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return out
-
-
 def collect(model: onnx.ModelProto, names: list[str], batches: list[dict],
             histograms: list[str], progress=lambda m: None) -> dict[str, TensorStats]:
     """Stream ``batches`` through ``model``: statistics of ``names``, and a second sweep
     for the histograms of the tensors in ``histograms`` (a subset of ``names``)."""
-    runner = validate.Runner(with_outputs(model, names), optimization="basic")
+    runner = validate.Runner(validate.with_outputs(model, names), optimization="basic")
     try:
         stats = {n: TensorStats() for n in names}
         for i, batch in enumerate(batches):

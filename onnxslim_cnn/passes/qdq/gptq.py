@@ -21,7 +21,6 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ... import validate
-from .calibrate import with_outputs
 from .placement import WeightSite
 
 DAMP = 0.01
@@ -51,7 +50,7 @@ def hessians(model: onnx.ModelProto, sites: list[WeightSite], batches: list[dict
     """H = mean of x x^T over (subsampled) im2col rows of every site's input, keyed by the
     site's output name (stable across copies of the graph)."""
     names = sorted({s.node.inputs[0].name for s in sites})
-    runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic")
+    runner = validate.Runner(validate.with_outputs(model, names, only=True), optimization="basic")
     rng = np.random.default_rng(seed)
     per_batch = max(MIN_ROWS_PER_BATCH, ROWS_TOTAL // max(len(batches), 1))
     found: dict[str, np.ndarray] = {}

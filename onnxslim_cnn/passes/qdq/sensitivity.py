@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 
 from ... import validate
-from .calibrate import with_outputs
 
 CAP_DB = 200.0
 
@@ -21,8 +20,8 @@ CAP_DB = 200.0
 def layer_sqnr(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, names: list[str],
                batches: list[dict]) -> dict[str, float]:
     """SQNR in dB of tensors ``names`` (present in both models), streamed over batches."""
-    ref = validate.Runner(with_outputs(float_model, names), optimization="disable")
-    got = validate.Runner(with_outputs(quant_model, names), optimization="disable")
+    ref = validate.Runner(validate.with_outputs(float_model, names), optimization="disable")
+    got = validate.Runner(validate.with_outputs(quant_model, names), optimization="disable")
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     try:

@@ -20,6 +20,10 @@ Rank choice, per layer (factor.py holds the math, stats.py the data, site.py the
 Each layer gets the mode (channel, spatial, none) with the fewest MACs among those
 saving at least ``svd_min_saving`` of both its parameters and its MACs.
 
+``distill_steps`` > 0 then tunes the factors of all split layers together towards the
+unsplit model's outputs by gradient descent on the calibration data (onnxslim_cnn/recover):
+the rank choice fits each layer alone, this repairs what their errors build together.
+
 Declines when: see site.py (depthwise/grouped conv, non-constant weight, ...); no rank
 within the budget saves enough ("no saving").
 """
@@ -34,12 +38,14 @@ import onnx_graphsurgeon as gs
 
 from ... import validate
 from ...errors import PreconditionError
+from ...recover.layers import tune_nodes
 from ..base import Pass, PassContext, PassResult, register, taken_names
 from . import rewrite, stats
 from .factor import Channel, Factors, Spatial, build, smallest_rank
 from .site import Site, find_site
 
 MODES = ("auto", "channel", "spatial")
+SPLIT_OPS = ("Conv", "Gemm", "MatMul")
 BACKOFF = 3
 
 
@@ -55,6 +61,8 @@ class SvdOptions:
         svd_mode: ``auto`` (pick per layer), ``channel`` or ``spatial`` only.
         svd_min_saving: a split must save at least this fraction of the layer's
             parameters and MACs (the extra node costs latency).
+        distill_steps: tune the factors of every split layer together towards the
+            unsplit model on the calibration data (onnxslim_cnn/recover); 0: off.
     """
 
     rank_ratio: float | None = None
@@ -62,6 +70,7 @@ class SvdOptions:
     svd_error: float = 0.1
     svd_mode: str = "auto"
     svd_min_saving: float = 0.2
+    distill_steps: int = 0
 
 
 @dataclass
@@ -90,6 +99,8 @@ class SvdSplit(Pass):
             raise PreconditionError("--svd-error must be > 0 and --svd-min-saving in [0, 1)")
         if o.svd_mode not in MODES:
             raise PreconditionError(f"--svd-mode takes {', '.join(MODES)}, not {o.svd_mode}")
+        if o.distill_steps < 0:
+            raise PreconditionError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
 
     @property
     def data_free(self) -> bool:
@@ -109,6 +120,9 @@ class SvdSplit(Pass):
         if moments and ctx.evaluate is not None:
             choices, budget = self._backoff(graph, sites, factorisers, moments, ctx, choices)
         taken = taken_names(graph)
+        reference = gs.export_onnx(graph, do_type_check=False) \
+            if self.options.distill_steps and ctx.calib else None
+        before = set(map(id, graph.nodes))
         for c in choices:
             if c.factors is None:
                 result.declined[c.record["why"]] += 1
@@ -116,6 +130,10 @@ class SvdSplit(Pass):
                 rewrite.install(graph, c.site, c.factors, taken)
             result.layers.append(c.record)
         result.changed = any(c.factors is not None for c in choices)
+        if reference is not None and result.changed:
+            new = [n for n in graph.nodes if id(n) not in before and n.op in SPLIT_OPS]
+            tune_nodes(reference, graph, new, set(), ctx, self.options.distill_steps,
+                       result, taken)
         result.stats.update(_totals(choices), data_aware=int(bool(moments)))
         if moments:
             result.stats["layer_error_budget"] = budget

@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 
 from ... import validate
-from ..qdq.calibrate import with_outputs
 from .site import Site
 
 MAX_ENTRIES = 2**24
@@ -88,8 +87,8 @@ def collect(model: onnx.ModelProto, sites: list[Site], batches: list[dict], seed
     inputs = {i.name for i in model.graph.input}
     for index, group in enumerate(groups(sites)):
         names = sorted({s.node.inputs[0].name for s in group} - inputs)
-        runner = validate.Runner(with_outputs(model, names, only=True), optimization="basic") \
-            if names else None
+        runner = validate.Runner(validate.with_outputs(model, names, only=True),
+                                 optimization="basic") if names else None
         moments = {s.key: Moments(s.matrix.shape[1]) for s in group}
         rng = np.random.default_rng(seed)
         per_batch = -(-rows // max(len(batches), 1))

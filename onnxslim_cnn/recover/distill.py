@@ -1,0 +1,186 @@
+"""Distillation of compressed layers back towards the original model (no labels).
+
+Why: a per-layer re-fit (least squares, OBS) repairs each layer on its own inputs; the
+error several compressed layers build together reaches the output uncorrected. Tuning
+the kept weights and biases of all of them by gradient descent against the original
+model's outputs on the calibration data (knowledge distillation) repairs it: ResNet-8
+pruned to 50 % (network allocation, 100 calibration images), top-1 on 2000 unseen images
+-3.0 -> -1.15 with 600 steps; SqueezeNet 1.1 -1.7 -> -0.7 (300 unseen images, 300 steps).
+A step is a forward and a backward of 16 samples in numpy: ResNet-8 ~0.06 s,
+SqueezeNet ~1.2 s, EfficientNet-Lite0 ~5 s on 2 cores.
+
+Loss, per batch (teacher t = original model, student s = compressed one):
+    L = |s(z) - t(z)|^2 / mean(t(z)^2)                        logits z
+      + (1/F) sum_f |s(f) - t(f)|^2 / mean(t(f)^2)            outputs f of tuned layers
+averaged over elements. Adam, step size ``LR`` times the tensor's RMS (layers of any
+scale move alike), cosine decay to 0. Pruned weights keep their zeros (gradient and
+value masked). The batches are the calibration batches with two label-free
+augmentations (the teacher labels whatever it is shown): a random horizontal flip of
+4-D inputs and mixup of pairs (x' = l x_a + (1 - l) x_b, l ~ Beta(0.4, 0.4)).
+The teacher runs in onnxruntime; the student's gradients come from autodiff.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .. import validate
+from . import autodiff
+
+LR = 3e-3
+BETAS = (0.9, 0.999)
+MIXUP = 0.4
+BATCH = 16  # samples per step
+
+
+@dataclass
+class Distilled:
+    """Tuned values (float32) of the trainable initializers, and the calibration loss
+    before and after (mean over the calibration batches, unaugmented)."""
+
+    values: dict[str, np.ndarray]
+    loss_before: float
+    loss_after: float
+
+
+def logits_name(model: onnx.ModelProto) -> str:
+    """The first graph output, or the input of the Softmax that produces it."""
+    name = model.graph.output[0].name
+    for node in model.graph.node:
+        if node.output[0] == name and node.op_type == "Softmax":
+            return node.input[0]
+    return name
+
+
+def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
+            params: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+            features: list[str], batches: list[dict], steps: int, seed: int = 0,
+            progress=lambda message: None) -> Distilled:
+    """Tune ``params`` (initializers of ``student``) towards ``reference``'s outputs.
+
+    Args:
+        reference: the original model (the teacher).
+        student: the compressed model, its weights as plain initializers.
+        params: trainable initializer name -> value.
+        masks: name -> 0/1 array of the entries of ``params[name]`` that may change.
+        features: tensors of both models matched besides the logits.
+        batches: calibration batches.
+        steps: Adam steps (BATCH augmented calibration samples each).
+
+    Raises:
+        ValueError: ``student`` has an op autodiff.py cannot differentiate.
+    """
+    params = {k: np.array(v, np.float32) for k, v in params.items()}
+    tape = autodiff.Tape(student, params)
+    logits = logits_name(reference)
+    teacher = _Teacher(reference, [logits, *features])
+    scale = teacher.scales(batches)
+    before = _mean_loss(tape, teacher, batches, scale, logits)
+    rng = np.random.default_rng(seed)
+    moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in params.items()}
+    rms = {k: float(np.sqrt(np.mean(v ** 2))) + 1e-8 for k, v in params.items()}
+    pool, chunk = _pool(batches)
+    size = max(chunk, BATCH // chunk * chunk)
+    for step in range(1, steps + 1):
+        count = next(iter(pool.values())).shape[0]
+        pick = rng.choice(count, size, replace=count < size)
+        grads = _gradients(tape, teacher, _augment({k: v[pick] for k, v in pool.items()},
+                                                   rng), chunk, scale, logits)
+        rate = LR * 0.5 * (1 + np.cos(np.pi * step / steps))
+        for name, grad in grads.items():
+            _adam(params, moments, name, grad * masks.get(name, 1), step, rate * rms[name])
+            if name in masks:
+                params[name] *= masks[name]
+        if step % max(1, steps // 20) == 0:
+            progress(f"distillation: step {step}/{steps}")
+    after = _mean_loss(tape, teacher, batches, scale, logits)
+    teacher.close()
+    return Distilled(params, before, after)
+
+
+def _pool(batches: list[dict]) -> tuple[dict[str, np.ndarray], int]:
+    """Every calibration sample per input, and the batch size the model is fed (a model
+    with a fixed batch size gets whole batches of it)."""
+    pool = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return pool, next(iter(batches[0].values())).shape[0]
+
+
+def _gradients(tape, teacher, batch: dict, chunk: int, scale, logits) -> dict:
+    """dL/dparam of the batch, averaged over its chunks of the model's batch size."""
+    total: dict[str, np.ndarray] = {}
+    count = next(iter(batch.values())).shape[0]
+    for start in range(0, count, chunk):
+        part = {k: v[start: start + chunk] for k, v in batch.items()}
+        env, saved = tape.forward(part)
+        _, grads = _loss(env, teacher.run(part), scale, logits)
+        for name, grad in tape.backward(saved, grads).items():
+            total[name] = total[name] + grad if name in total else grad
+    return {name: grad / -(-count // chunk) for name, grad in total.items()}
+
+
+def _adam(params, moments, name, grad, step, rate) -> None:
+    m, v = moments[name]
+    m *= BETAS[0]
+    m += (1 - BETAS[0]) * grad
+    v *= BETAS[1]
+    v += (1 - BETAS[1]) * grad * grad
+    m_hat, v_hat = m / (1 - BETAS[0] ** step), v / (1 - BETAS[1] ** step)
+    params[name] -= rate * m_hat / (np.sqrt(v_hat) + 1e-12)
+
+
+class _Teacher:
+    def __init__(self, model: onnx.ModelProto, names: list[str]):
+        self.names = names
+        self.runner = validate.Runner(validate.with_outputs(model, names, only=True), "basic")
+
+    def run(self, batch: dict) -> dict[str, np.ndarray]:
+        return self.runner.run_batch(batch)
+
+    def scales(self, batches) -> dict[str, float]:
+        sums = dict.fromkeys(self.names, 0.0)
+        for batch in batches:
+            for name, value in self.run(batch).items():
+                sums[name] += float(np.mean(np.square(value, dtype=np.float64)))
+        return {name: total / len(batches) + 1e-12 for name, total in sums.items()}
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _loss(env, targets, scale, logits) -> tuple[float, dict[str, np.ndarray]]:
+    """(L, dL/d tensor) for the logits and the matched features."""
+    features = len(targets) - 1
+    total, grads = 0.0, {}
+    for name, target in targets.items():
+        weight = (1.0 if name == logits else 1.0 / features) / scale[name] / target.size
+        diff = env[name].astype(np.float32) - target
+        total += weight * float(np.sum(diff * diff))
+        grads[name] = (2 * weight) * diff
+    return total, grads
+
+
+def _mean_loss(tape, teacher, batches, scale, logits) -> float:
+    losses = [_loss(tape.forward(b, keep=False)[0], teacher.run(b), scale, logits)[0]
+              for b in batches]
+    return float(np.mean(losses))
+
+
+def _augment(batch: dict, rng) -> dict[str, np.ndarray]:
+    """Flip (4-D float inputs) and mixup, the same draw for every input."""
+    count = next(iter(batch.values())).shape[0]
+    flip = rng.random(count) < 0.5
+    pair = rng.permutation(count)
+    lam = rng.beta(MIXUP, MIXUP, size=count).astype(np.float32)
+    out = {}
+    for name, x in batch.items():
+        if not np.issubdtype(x.dtype, np.floating):
+            out[name] = x
+            continue
+        x = np.where(flip.reshape((-1,) + (1,) * (x.ndim - 1)), x[..., ::-1], x) \
+            if x.ndim == 4 else x
+        mix = lam.reshape((-1,) + (1,) * (x.ndim - 1))
+        out[name] = (mix * x + (1 - mix) * x[pair]).astype(x.dtype)
+    return out
