@@ -53,14 +53,22 @@ def test_autodiff_forward_equals_onnxruntime():
     model = graph_model()
     x = rand((3, 3, 11, 11), 10)
     env, _ = autodiff.Tape(model, {}).forward({"x": x}, keep=False)
-    expected = run(model, {"x": x})["y"]
-    # the tape skips the final Softmax (the loss reads logits): compare its input
-    got = env["zr"]
-    np.testing.assert_allclose(np.exp(got) / np.exp(got).sum(1, keepdims=True), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(env["y"], run(model, {"x": x})["y"], rtol=1e-5, atol=1e-6)
 
 
-def test_autodiff_gradients_equal_finite_differences():
+def test_autodiff_softmax_before_opset_13_normalises_the_flattened_dims():
+    model = make_model("""
+    <ir_version: 7, opset_import: ["" : 11]>
+    g (float[N, 3, 2, 2] x) => (float[N, 3, 2, 2] y) { y = Softmax <axis = 1> (x) }
+    """)
+    x = rand((2, 3, 2, 2), 13)
+    env, _ = autodiff.Tape(model, {}).forward({"x": x}, keep=False)
+    np.testing.assert_allclose(env["y"], run(model, {"x": x})["y"], rtol=1e-5, atol=1e-7)
+    assert env["y"].reshape(2, -1).sum(axis=1) == pytest.approx([1, 1])
+
+
+@pytest.mark.parametrize("probed", ["zr", "y"])  # the logits, and through the Softmax
+def test_autodiff_gradients_equal_finite_differences(probed):
     model = graph_model()
     consts = {k: v.astype(np.float64) for k, v in autodiff.Tape(model, {}).consts.items()}
     params = {k: consts[k] for k in ("wa", "ba", "wb", "wd", "bd", "s", "wg", "bg")}
@@ -69,15 +77,15 @@ def test_autodiff_gradients_equal_finite_differences():
     x = rand((2, 3, 11, 11), 11).astype(np.float64)
     probe = rand((2, 5), 12).astype(np.float64)
     env, saved = tape.forward({"x": x})
-    grads = tape.backward(saved, {"zr": probe})
+    grads = tape.backward(saved, {probed: probe})
     for name, value in params.items():
         for flat in np.random.default_rng(0).choice(value.size, 3, replace=False):
             index = np.unravel_index(flat, value.shape)
             old = value[index]
             value[index] = old + 1e-6
-            up = float(np.sum(tape.forward({"x": x}, keep=False)[0]["zr"] * probe))
+            up = float(np.sum(tape.forward({"x": x}, keep=False)[0][probed] * probe))
             value[index] = old - 1e-6
-            down = float(np.sum(tape.forward({"x": x}, keep=False)[0]["zr"] * probe))
+            down = float(np.sum(tape.forward({"x": x}, keep=False)[0][probed] * probe))
             value[index] = old
             # central differences in float64: agreement to 1e-5 relative (ReLU/Clip
             # kinks are not hit by a 1e-6 step at these seeds)

@@ -9,9 +9,9 @@ A ``Tape`` runs the graph forward in float32, keeping what each op's backward ne
 then pulls the output gradients back to the trainable initializers.
 
 Ops: Conv (2-D; groups 1 or depthwise), Gemm, MatMul (constant right side), Relu,
-Clip, Sigmoid, Add, Mul, MaxPool, AveragePool (global window only),
-GlobalAveragePool, Concat, Flatten, Reshape, Constant; Softmax, Dropout and Identity pass values
-through (the loss reads the logits before a final Softmax).
+Clip, Sigmoid, Softmax (both opset semantics), Add, Mul, MaxPool,
+AveragePool (global window only), GlobalAveragePool, Concat, Flatten, Reshape, Constant;
+Dropout and Identity pass values through (inference).
 
 Conv as patches (im2col), per kernel offset (i, j):
     P[n, c, i, j, p] = x_pad[n, c, i*d + s*py, j*d + s*px]
@@ -240,6 +240,23 @@ def _matmul_back(dy, ins, saved):
             _unbroadcast(np.swapaxes(x, -1, -2) @ dy, w.shape)]
 
 
+def _softmax(node, a, x):
+    """Opset 13+: along ``axis``; before: over the dims from ``axis`` (default 1) on."""
+    shape = x.shape
+    if a.get("_before_13"):
+        x = x.reshape(int(np.prod(shape[:a.get("axis", 1)])), -1)
+    axis = -1 if a.get("_before_13") else a.get("axis", -1)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    y = e / e.sum(axis=axis, keepdims=True)
+    return y.reshape(shape), (y, axis)
+
+
+def _softmax_back(dy, ins, saved):
+    y, axis = saved
+    d = dy.reshape(y.shape)
+    return [(y * (d - np.sum(d * y, axis=axis, keepdims=True))).reshape(dy.shape)]
+
+
 def _same(node, a, x, *rest):
     return x, None
 
@@ -268,7 +285,7 @@ OPS = {
     "Constant": (lambda node, a, *ins: (numpy_helper.to_array(a["value"]) if "value" in a
                                         else np.asarray(next(iter(a.values()))), None),
                  lambda dy, ins, s: []),
-    "Softmax": (_same, lambda dy, ins, s: [dy]),
+    "Softmax": (_softmax, _softmax_back),
     "Dropout": (_same, lambda dy, ins, s: [dy]),
     "Identity": (_same, lambda dy, ins, s: [dy]),
 }
@@ -287,6 +304,12 @@ class Tape:
         if missing:
             raise ValueError(f"no gradient for {', '.join(sorted(missing))}")
         self.nodes = list(model.graph.node)
+        self.attrs = [_attrs(node) for node in self.nodes]
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                     13)
+        for node, a in zip(self.nodes, self.attrs, strict=True):
+            if node.op_type == "Softmax" and opset < 13:
+                a["_before_13"] = True
         self.consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.params = params
 
@@ -301,11 +324,11 @@ class Tape:
         """(values of every tensor, what backward needs); ``keep`` False skips the
         saved state (evaluation only)."""
         env, saved = dict(feeds), []
-        for node in self.nodes:
+        for node, a in zip(self.nodes, self.attrs, strict=True):
             ins = [self._value(env, name) for name in node.input]
             while ins and ins[-1] is None:
                 ins.pop()
-            y, state = OPS[node.op_type][0](node, _attrs(node), *ins)
+            y, state = OPS[node.op_type][0](node, a, *ins)
             env[node.output[0]] = y
             saved.append((node, ins, state if keep else None))
         return env, saved
