@@ -1,6 +1,7 @@
 """recover: numpy gradients of ONNX CNN graphs, and distillation of pruned layers."""
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxslim_cnn.passes.base import PassContext
@@ -167,3 +168,20 @@ def test_svd_split_distillation_lowers_error_on_unseen_data():
     err_split = np.linalg.norm(run(split, feed)["y"] - ref)
     err_tuned = np.linalg.norm(run(tuned, feed)["y"] - ref)
     assert err_tuned < 0.8 * err_split
+
+
+@pytest.mark.parametrize("shape, whole", [([0, -1], True), ([1, -1], False)])
+def test_distill_fixed_batch_model_runs_whole_steps_unless_a_reshape_pins_the_batch(
+        shape, whole):
+    text = GRAPH.replace("float[N, 3, 11, 11] x) => (float[N, 5] y)",
+                         "float[1, 3, 11, 11] x) => (float[1, 5] y)")
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph_model().graph.initializer}
+    model = make_model(text, {**weights, "shape": np.array(shape, np.int64)})
+    batches = [{"x": rand((1, 3, 11, 11), 30 + i)} for i in range(12)]
+    tape = autodiff.Tape(model, {})
+    pool, chunk = recover._pool(batches)
+    assert chunk == 1 and recover._takes_any_batch(tape, pool, chunk, ["zr"]) == whole
+    noisy = {"wg": weights["wg"] + rand((5, 8), 40, 0.2), "bg": weights["bg"]}
+    student = make_model(text, {**weights, **noisy, "shape": np.array(shape, np.int64)})
+    done = recover.distill(model, student, noisy, {}, [], batches, steps=60)
+    assert done.loss_after < 0.5 * done.loss_before  # measured ~0.02x

@@ -84,11 +84,12 @@ def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
     rms = {k: float(np.sqrt(np.mean(v ** 2))) + 1e-8 for k, v in params.items()}
     pool, chunk = _pool(batches)
     size = max(chunk, BATCH // chunk * chunk)
+    whole = _takes_any_batch(tape, pool, chunk, teacher.names)
     for step in range(1, steps + 1):
         count = next(iter(pool.values())).shape[0]
         pick = rng.choice(count, size, replace=count < size)
         grads = _gradients(tape, teacher, _augment({k: v[pick] for k, v in pool.items()},
-                                                   rng), chunk, scale, logits)
+                                                   rng), chunk, whole, scale, logits)
         rate = LR * 0.5 * (1 + np.cos(np.pi * step / steps))
         for name, grad in grads.items():
             _adam(params, moments, name, grad * masks.get(name, 1), step, rate * rms[name])
@@ -108,17 +109,33 @@ def _pool(batches: list[dict]) -> tuple[dict[str, np.ndarray], int]:
     return pool, next(iter(batches[0].values())).shape[0]
 
 
-def _gradients(tape, teacher, batch: dict, chunk: int, scale, logits) -> dict:
-    """dL/dparam of the batch, averaged over its chunks of the model's batch size."""
-    total: dict[str, np.ndarray] = {}
+def _takes_any_batch(tape, pool: dict, chunk: int, names: list[str]) -> bool:
+    """Whether the student's numpy graph runs a batch larger than the model's fixed one
+    (no Reshape pins it): then it takes a step's samples at once, bigger GEMMs."""
+    probe = {k: v[:1].repeat(2 * chunk, axis=0) for k, v in pool.items()}
+    try:
+        env, _ = tape.forward(probe, keep=False)
+    except ValueError:
+        return False
+    return all(env[name].shape[:1] == (2 * chunk,) for name in names)
+
+
+def _gradients(tape, teacher, batch: dict, chunk: int, whole: bool, scale, logits) -> dict:
+    """dL/dparam of the batch: the teacher (onnxruntime) runs it in chunks of the model's
+    batch size; the student at once when ``whole``, else in the same chunks (averaged)."""
     count = next(iter(batch.values())).shape[0]
-    for start in range(0, count, chunk):
-        part = {k: v[start: start + chunk] for k, v in batch.items()}
+    parts = [{k: v[i: i + chunk] for k, v in batch.items()} for i in range(0, count, chunk)]
+    targets = [teacher.run(part) for part in parts]
+    if whole:
+        parts = [batch]
+        targets = [{k: np.concatenate([t[k] for t in targets]) for k in targets[0]}]
+    total: dict[str, np.ndarray] = {}
+    for part, target in zip(parts, targets, strict=True):
         env, saved = tape.forward(part)
-        _, grads = _loss(env, teacher.run(part), scale, logits)
+        _, grads = _loss(env, target, scale, logits)
         for name, grad in tape.backward(saved, grads).items():
             total[name] = total[name] + grad if name in total else grad
-    return {name: grad / -(-count // chunk) for name, grad in total.items()}
+    return {name: grad / len(parts) for name, grad in total.items()}
 
 
 def _adam(params, moments, name, grad, step, rate) -> None:
