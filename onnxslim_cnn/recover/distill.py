@@ -77,19 +77,29 @@ def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
     tape = autodiff.Tape(student, params)
     logits = logits_name(reference)
     teacher = _Teacher(reference, [logits, *features])
-    scale = teacher.scales(batches)
-    before = _mean_loss(tape, teacher, batches, scale, logits)
-    rng = np.random.default_rng(seed)
+    try:
+        scale = teacher.scales(batches)
+        before = _mean_loss(tape, teacher, batches, scale, logits)
+        _descend(tape, teacher, params, masks, batches, steps, scale, logits,
+                 np.random.default_rng(seed), progress)
+        return Distilled(params, before, _mean_loss(tape, teacher, batches, scale, logits))
+    finally:
+        teacher.close()
+
+
+def _descend(tape, teacher, params, masks, batches, steps, scale, logits, rng,
+             progress) -> None:
+    """``steps`` Adam steps on ``params`` (in place), cosine-decayed."""
     moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in params.items()}
     rms = {k: float(np.sqrt(np.mean(v ** 2))) + 1e-8 for k, v in params.items()}
     pool, chunk = _pool(batches)
     size = max(chunk, BATCH // chunk * chunk)
     whole = _takes_any_batch(tape, pool, chunk, teacher.names)
+    count = next(iter(pool.values())).shape[0]
     for step in range(1, steps + 1):
-        count = next(iter(pool.values())).shape[0]
         pick = rng.choice(count, size, replace=count < size)
-        grads = _gradients(tape, teacher, _augment({k: v[pick] for k, v in pool.items()},
-                                                   rng), chunk, whole, scale, logits)
+        batch = _augment({k: v[pick] for k, v in pool.items()}, rng)
+        grads = _gradients(tape, teacher, batch, chunk, whole, scale, logits)
         rate = LR * 0.5 * (1 + np.cos(np.pi * step / steps))
         for name, grad in grads.items():
             _adam(params, moments, name, grad * masks.get(name, 1), step, rate * rms[name])
@@ -97,9 +107,6 @@ def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
                 params[name] *= masks[name]
         if step % max(1, steps // 20) == 0:
             progress(f"distillation: step {step}/{steps}")
-    after = _mean_loss(tape, teacher, batches, scale, logits)
-    teacher.close()
-    return Distilled(params, before, after)
 
 
 def _pool(batches: list[dict]) -> tuple[dict[str, np.ndarray], int]:
