@@ -18,16 +18,15 @@ from .distill import distill
 
 
 def tune_nodes(reference: onnx.ModelProto, graph: gs.Graph, nodes: list[gs.Node],
-               masked: set[str], ctx: PassContext, steps: int, result: PassResult,
+               keep_zeros: bool, ctx: PassContext, steps: int, result: PassResult,
                taken: set[str]) -> None:
-    """Tune the weight (input 1) and bias (input 2) constants of ``nodes``; the weights
-    of the nodes named in ``masked`` keep their zeros. Stats and declines go to
-    ``result``."""
+    """Tune the weight (input 1) and bias (input 2) constants of ``nodes``; with
+    ``keep_zeros`` the weights' zeros stay zeros. Stats and declines go to ``result``."""
     slots = [(node, i) for node in nodes for i in (1, 2)
              if i < len(node.inputs) and isinstance(node.inputs[i], gs.Constant)]
     params = {node.inputs[i].name: np.asarray(node.inputs[i].values) for node, i in slots}
-    masks = {node.inputs[1].name: (params[node.inputs[1].name] != 0).astype(np.float32)
-             for node in nodes if node.name in masked and (node, 1) in slots}
+    masks = {name: (params[name] != 0).astype(np.float32) for name in
+             (node.inputs[1].name for node, i in slots if i == 1)} if keep_zeros else {}
     known = {t for node in reference.graph.node for t in node.output}
     features = [node.outputs[0].name for node in nodes if node.outputs[0].name in known]
     student = _sorted_copy(graph)

@@ -126,8 +126,7 @@ class PruneWeights(Pass):
                 _set_dense(layer, new, taken)
         result.layers = [records[layer.name] for layer in layers]
         if self.options.distill_steps and self.options.recovery and ctx.calib:
-            nodes = [layer.node for layer in layers]
-            tune_nodes(reference, graph, nodes, {n.name for n in nodes}, ctx,
+            tune_nodes(reference, graph, [layer.node for layer in layers], True, ctx,
                        self.options.distill_steps, result, taken)
         for layer, record in zip(layers, result.layers, strict=True):
             _encode(graph, layer.node, taken, record, result)

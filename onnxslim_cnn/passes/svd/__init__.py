@@ -132,7 +132,7 @@ class SvdSplit(Pass):
         result.changed = any(c.factors is not None for c in choices)
         if reference is not None and result.changed:
             new = [n for n in graph.nodes if id(n) not in before and n.op in SPLIT_OPS]
-            tune_nodes(reference, graph, new, set(), ctx, self.options.distill_steps,
+            tune_nodes(reference, graph, new, False, ctx, self.options.distill_steps,
                        result, taken)
         result.stats.update(_totals(choices), data_aware=int(bool(moments)))
         if moments:
