@@ -25,14 +25,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-SUPPORTED = {"Conv", "Gemm", "MatMul", "Relu", "Clip", "Sigmoid", "Add", "Mul", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "Concat", "Flatten", "Reshape", "Softmax",
-             "Dropout", "Identity", "Constant"}
-
 
 def unsupported(model: onnx.ModelProto) -> set[str]:
     """The ops of ``model`` this module has no gradient for."""
-    return {n.op_type for n in model.graph.node} - SUPPORTED
+    return {n.op_type for n in model.graph.node} - set(OPS)
 
 
 def _attrs(node) -> dict:

@@ -111,17 +111,18 @@ class SvdSplit(Pass):
         sites = self._sites(graph, result)
         if not sites:
             return result
-        moments = {} if self.data_free or not ctx.calib else stats.collect(
-            gs.export_onnx(graph, do_type_check=False), sites, ctx.calib, ctx.seed,
-            progress=ctx.progress)
+        # the unsplit model, exported once: statistics, back-off and distillation read it
+        original = gs.export_onnx(graph, do_type_check=False) if ctx.calib and (
+            not self.data_free or self.options.distill_steps) else None
+        moments = {} if self.data_free or original is None else stats.collect(
+            original, sites, ctx.calib, ctx.seed, progress=ctx.progress)
         factorisers = {s.key: self._factorisers(s, moments.get(s.key)) for s in sites}
         budget = self.options.svd_error
         choices = self._choose_all(sites, factorisers, moments, budget)
         if moments and ctx.evaluate is not None:
-            choices, budget = self._backoff(graph, sites, factorisers, moments, ctx, choices)
+            choices, budget = self._backoff(original, sites, factorisers, moments, ctx,
+                                            choices)
         taken = taken_names(graph)
-        reference = gs.export_onnx(graph, do_type_check=False) \
-            if self.options.distill_steps and ctx.calib else None
         before = set(map(id, graph.nodes))
         for c in choices:
             if c.factors is None:
@@ -130,9 +131,9 @@ class SvdSplit(Pass):
                 rewrite.install(graph, c.site, c.factors, taken)
             result.layers.append(c.record)
         result.changed = any(c.factors is not None for c in choices)
-        if reference is not None and result.changed:
+        if self.options.distill_steps and original is not None and result.changed:
             new = [n for n in graph.nodes if id(n) not in before and n.op in SPLIT_OPS]
-            tune_nodes(reference, graph, new, False, ctx, self.options.distill_steps,
+            tune_nodes(original, graph, new, False, ctx, self.options.distill_steps,
                        result, taken)
         result.stats.update(_totals(choices), data_aware=int(bool(moments)))
         if moments:
@@ -211,10 +212,9 @@ class SvdSplit(Pass):
             return f"no rank saves {share} of params and FLOPs"
         return f"no rank saving {share} of params and FLOPs meets the error budget"
 
-    def _backoff(self, graph, sites, factorisers, moments, ctx, choices):
-        """Halve the per-layer budget until the split model agrees with the original on
-        the calibration data (see the module docstring)."""
-        original = gs.export_onnx(graph, do_type_check=False)
+    def _backoff(self, original, sites, factorisers, moments, ctx, choices):
+        """Halve the per-layer budget until the split model agrees with ``original`` (the
+        unsplit model) on the calibration data (see the module docstring)."""
         reference = ctx.evaluate(original)
         budget = self.options.svd_error
         for attempt in range(BACKOFF + 1):
