@@ -52,7 +52,8 @@ def build_pipeline(config: Config) -> list[Pass]:
 
     Raises:
         UsageError: unknown pass or preset name, a pass listed twice, a pass placed
-            before one it must follow, or a target size without auto-compress.
+            before one it must follow, a target size without auto-compress, or an
+            invalid pass option (``Pass.check_options``).
     """
     preset = config.preset or (DEFAULT_PRESET if config.passes is None else None)
     if preset is not None and preset not in PRESETS:
@@ -71,7 +72,10 @@ def build_pipeline(config: Config) -> list[Pass]:
     options = PRESET_OPTIONS.get(preset, {}) | config.options
     if config.target_size is not None:
         options = options | {"target_size": config.target_size}
-    return [cls(options) for cls in classes]
+    pipeline = [cls(options) for cls in classes]
+    for p in pipeline:
+        p.check_options()
+    return pipeline
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -170,6 +170,19 @@ USAGE_ERRORS = {
     "report_folder_missing": (["--report", "nowhere/r.json"], "does not exist"),
     "report_is_output": (["--report", "out/slim.onnx"], "is the output file"),
     "no_output": (None, "need an input and an output"),
+    # a pass option out of range is the user's error, found before anything runs
+    "sparsity_out_of_range": (["--passes", "prune-weights", "--sparsity", "2"],
+                              "--sparsity must be in [0, 1), got 2.0"),
+    "negative_distill_steps": (["--passes", "cluster-weights", "--distill-steps", "-3"],
+                               "--distill-steps must be 0 or more"),
+    "bits_out_of_range": (["--passes", "cluster-weights", "--bits", "9"], "--bits must be"),
+    "rank_ratio_out_of_range": (["--passes", "svd-split", "--rank-ratio", "1.5"],
+                                "--rank-ratio must be in (0, 1]"),
+    "channel_ratio_out_of_range": (["--passes", "prune-channels", "--channel-ratio", "1"],
+                                   "--channel-ratio must be in (0, 1)"),
+    "budget_share_out_of_range": (["--preset", "max", "--auto-budget-share", "0"],
+                                  "--auto-budget-share must be in (0, 1]"),
+    "unknown_candidate": (["--preset", "max", "--auto-candidates", "int8,c9"], "c9"),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import onnxslim_cnn.passes.cluster as cluster_pass
 from onnxslim_cnn import cli
 from onnxslim_cnn.config import Budget, Config, DataConfig
-from onnxslim_cnn.errors import PreconditionError
+from onnxslim_cnn.errors import UsageError
 from onnxslim_cnn.manager import compress, import_graph
 from onnxslim_cnn.passes.base import PassContext
 from onnxslim_cnn.passes.cluster import (
@@ -421,9 +421,9 @@ def test_cluster_size_budget_mixes_bits_within_budget():
 
 @pytest.mark.parametrize("options", [{"bits": 9}, {"bits": 4, "avg_bits": 4.0},
                                      {"kmeans_init": "random"}, {"granularity": "row"}])
-def test_cluster_bad_options_declines(options):
-    with pytest.raises(PreconditionError):
-        ClusterWeights(options).check(import_graph(model()), PassContext())
+def test_cluster_bad_options_are_a_usage_error(options):
+    with pytest.raises(UsageError):
+        ClusterWeights(options).check_options()
 
 
 def test_cluster_cli_options_reach_the_pass(tmp_path):

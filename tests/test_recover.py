@@ -1,17 +1,20 @@
-"""recover: numpy gradients of ONNX CNN graphs, and distillation of pruned layers."""
+"""recover: numpy gradients of ONNX CNN graphs, and distillation of pruned, split and
+clustered layers."""
 
 import numpy as np
 import onnx
 import pytest
 
+from onnxslim_cnn.manager import import_graph
 from onnxslim_cnn.passes.base import PassContext
+from onnxslim_cnn.passes.cluster import ClusterWeights, refine, sites, tune
 from onnxslim_cnn.passes.prune.weights import PruneWeights
 from onnxslim_cnn.passes.svd import SvdSplit
 from onnxslim_cnn.recover import autodiff
 from onnxslim_cnn.recover import distill as recover
 
-from .helpers import apply_pass, io_types, make_model, op_counts, rand, run
-from .test_pass_prune_weights import calib, calib16, cnn, cnn16, dense_weights
+from .helpers import apply_pass, io_types, layer_params, make_model, op_counts, rand, run
+from .test_pass_prune_weights import CNN, calib, calib16, cnn, cnn16, dense_weights
 
 #  x -> Conv(pad, stride 2, dilation) -> Clip -> MaxPool(ceil) -+-> Concat -> Conv(dw) ->
 #    \-> Conv 1x1 (stride 2) -> Sigmoid -> MaxPool(ceil) -------/
@@ -199,3 +202,121 @@ def test_prune_weights_distillation_of_a_float16_model_stays_float16():
     assert io_types(tuned) == {onnx.TensorProto.FLOAT16}
     assert unseen_error(model, tuned, np.float16) < 0.85 * unseen_error(
         model, fitted, np.float16)  # measured 0.72x
+
+
+ONE_CONV = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N, 16, 6, 6] x) => (float[N, 32, 4, 4] y) {
+    y = Conv (x, w)
+}
+"""
+
+
+def clustered(granularity, zeros):
+    """A conv weight clustered at 2 bits by plain k-means (zeros: ~1/4 of it zero)."""
+    w = rand((32, 16, 3, 3), 2, 0.15)
+    if zeros:
+        w = np.where(rand(w.shape, 3) > -0.7, w, 0).astype(np.float32)
+    site = sites.find(import_graph(make_model(ONE_CONV, {"w": w})))[0][0]
+    assert site.pruned == zeros
+    return site, sites.cluster(site, 2, granularity, refine.Quadratic(site.w2, None, False))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "scaled", "channel"])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_codebook_tie_expands_the_decode_and_its_gradient_is_the_exact_chain_rule(
+        granularity, zeros):
+    site, c = clustered(granularity, zeros)
+    tie = tune.codebook_tie(site, c, "w", reassign=False)
+    params = {k: v.copy() for k, v in tie.init.items()}
+    w = tie.expand(params)
+    np.testing.assert_array_equal(w, sites.decode(c.idx, c.codebook, c.scale).reshape(
+        w.shape).astype(np.float32))
+    # L = sum(G * W(params)) is linear in each parameter: its gradient is exact
+    g = rand(w.shape, 7)
+    grads = tie.reduce(g, params)
+    for name, value in params.items():
+        numeric = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            bumped = {**params, name: value.copy()}
+            bumped[name][i] += 1.0
+            numeric[i] = np.sum(g.astype(np.float64) * (tie.expand(bumped) - w))
+        np.testing.assert_allclose(grads[name], numeric, rtol=1e-4, atol=1e-4)
+    if zeros:
+        assert np.all(tie.masks["w/codebook"][:, 0] == 0)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_nearest_codebook_entry_equals_brute_force_and_keeps_zeros_exact(rows):
+    rng = np.random.default_rng(0)
+    book = rng.normal(size=(rows, 8)).astype(np.float32)  # unsorted entries
+    values = rng.normal(size=(5, 40))
+    values[:, :7] = 0
+    brute = np.abs(values[:, :, None] - (book if rows > 1 else book[[0] * 5])[:, None, :])
+    np.testing.assert_array_equal(tune.nearest(values, book, False), brute.argmin(2))
+    book[:, 0] = 0
+    with_zero = tune.nearest(values, book, True)
+    assert np.all(with_zero[:, :7] == 0) and np.all(with_zero[:, 7:] > 0)
+    np.testing.assert_array_equal(with_zero[:, 7:], brute[:, 7:, 1:].argmin(2) + 1)
+
+
+def clustered_and_distilled(model, batches, extra=None):
+    """cluster-weights at 2 bits, plain k-means centroids, without and with 200
+    distillation steps, and the second's result; the distillation must lower its
+    calibration loss. (On this small random CNN the data-aware centroids are already
+    about as good as the model can get: distillation gains nothing there.)"""
+    ctx, base = PassContext(calib=batches), {"bits": 2, "data_aware": False, **(extra or {})}
+    fitted, _ = apply_pass(ClusterWeights, model, base, ctx)
+    tuned, result = apply_pass(ClusterWeights, model, {**base, "distill_steps": 200}, ctx)
+    assert result.stats["distill_loss_after"] < result.stats["distill_loss_before"]
+    assert all(r["distilled"] for r in result.layers) and len(result.layers) >= 4
+    return fitted, tuned, result
+
+
+def test_cluster_weights_distillation_lowers_error_on_unseen_data_and_stays_a_codebook():
+    model = cnn()
+    fitted, tuned, result = clustered_and_distilled(model, calib())
+    assert unseen_error(model, tuned) < 0.8 * unseen_error(model, fitted)  # measured ~0.6x
+    assert op_counts(tuned) == op_counts(fitted)  # the same decode nodes, other values
+    assert result.stats["avg_bits"] == apply_pass(
+        ClusterWeights, model, {"bits": 2, "data_aware": False},
+        PassContext(calib=calib()))[1].stats["avg_bits"]
+    for record in result.layers:  # 2 bits: at most 4 values per codebook row
+        w = layer_params(tuned)[_weight_of(tuned, record["layer"])]
+        rows = w.reshape(w.shape[0], -1) if record["codebook"] == "channel" else w.reshape(1, -1)
+        per_row = [len(np.unique(r)) for r in rows]
+        assert max(per_row) <= (4 if record["codebook"] != "scaled" else 4 * w.shape[0])
+
+
+def _weight_of(model, layer):
+    return next(n.input[1] for n in model.graph.node if (n.name or n.output[0]) == layer)
+
+
+def test_cluster_weights_distillation_of_a_pruned_model_keeps_its_zeros():
+    model = cnn()
+    pruned, _ = apply_pass(PruneWeights, model, {"sparsity": 0.5, "allocation": "uniform"},
+                           PassContext(calib=calib()))
+    fitted, tuned, _ = clustered_and_distilled(pruned, calib())
+    # the layers in graph order: each keeps exactly the zeros pruning gave it
+    for before, after in zip(dense_weights(pruned).values(), dense_weights(tuned).values(),
+                             strict=True):
+        np.testing.assert_array_equal(before == 0, after == 0)
+    assert unseen_error(model, tuned) < unseen_error(model, fitted)
+
+
+def test_distillation_reads_an_earlier_pass_decode_as_the_constant_it_computes():
+    """The first conv's weight is int8 + DequantizeLinear (an op without a gradient):
+    the student holds its value, and the pruned layers are tuned all the same."""
+    text = CNN.replace("c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)",
+                       "w1 = DequantizeLinear (q1, s1)\n    c1 = Conv <pads = [1, 1, 1, 1]> "
+                       "(x, w1, b1)")
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in cnn().graph.initializer}
+    scale = np.float32(np.abs(weights["w1"]).max() / 127)
+    weights["q1"] = np.round(weights.pop("w1") / scale).astype(np.int8)
+    weights["s1"] = np.array(scale, np.float32)
+    model = make_model(text, weights)
+    out, result = apply_pass(PruneWeights, model, {"sparsity": 0.5, "distill_steps": 20},
+                             PassContext(calib=calib()))
+    assert not [r for r in result.declined if r.startswith("distillation")]
+    assert result.stats["distill_loss_after"] < result.stats["distill_loss_before"]
+    assert op_counts(out)["DequantizeLinear"] == 1  # the graph keeps its decode

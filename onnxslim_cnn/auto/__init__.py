@@ -85,16 +85,17 @@ class AutoCompress(Pass):
         self._at = 0  # index of its choice on it (path back-off, _path_step)
         self._floor = None  # (judge with the cosine floor, index of its choice on the path)
 
-    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+    def check_options(self) -> None:
         o = self.options
         if not 0 < o.auto_budget_share <= 1:
-            raise PreconditionError("auto_budget_share must be in (0, 1]")
+            raise UsageError(f"--auto-budget-share must be in (0, 1], got "
+                             f"{o.auto_budget_share}")
         if o.auto_samples < 1:
-            raise PreconditionError("auto_samples must be at least 1")
-        try:
-            [variants.candidate(t) for t in o.auto_candidates]
-        except UsageError as exc:
-            raise PreconditionError(str(exc)) from exc
+            raise UsageError("auto_samples must be at least 1")
+        for tag in o.auto_candidates:
+            variants.candidate(tag)  # UsageError for an unknown one
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         if not ctx.calib:
             raise PreconditionError("auto-compress needs calibration (or random) samples")
 

@@ -90,6 +90,10 @@ class Pass:
         known = {f.name for f in dataclasses.fields(self.Options)}
         self.options = self.Options(**{k: v for k, v in (options or {}).items() if k in known})
 
+    def check_options(self) -> None:
+        """Raise UsageError when the options are invalid (``build_pipeline`` calls it
+        before any model is read: a bad value is the user's error, not the model's)."""
+
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         """Raise PreconditionError when the pass cannot apply to this model at all."""
 

@@ -10,7 +10,7 @@ then pulls the output gradients back to the trainable initializers.
 
 Ops: Conv (2-D; groups 1 or depthwise), Gemm, MatMul (constant right side), Relu,
 Clip, Sigmoid, Softmax (both opset semantics), Add, Mul, MaxPool,
-AveragePool (global window only), GlobalAveragePool, Concat, Flatten, Reshape, Constant;
+AveragePool (global window only), GlobalAveragePool, Concat, Flatten, Reshape, Shape, Constant;
 Dropout and Identity pass values through (inference).
 
 Conv as patches (im2col), per kernel offset (i, j):
@@ -282,6 +282,9 @@ OPS = {
                                         else np.asarray(next(iter(a.values()))), None),
                  lambda dy, ins, s: []),
     "Softmax": (_softmax, _softmax_back),
+    # the wrapper an opset upgrade puts around an old Softmax reads its input's shape
+    "Shape": (lambda node, a, x: (np.array(x.shape[a.get("start", 0):a.get("end")], np.int64),
+                                  None), lambda dy, ins, s: []),
     "Dropout": (_same, lambda dy, ins, s: [dy]),
     "Identity": (_same, lambda dy, ins, s: [dy]),
 }

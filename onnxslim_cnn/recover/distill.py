@@ -18,11 +18,17 @@ value masked). The batches are the calibration batches with two label-free
 augmentations (the teacher labels whatever it is shown): a random horizontal flip of
 4-D inputs and mixup of pairs (x' = l x_a + (1 - l) x_b, l ~ Beta(0.4, 0.4)).
 The teacher runs in onnxruntime; the student's gradients come from autodiff.py.
+
+Tied weights (``ties``): a weight computed from trainable parameters, e.g. a codebook
+layer's W = codebook[idx] with the indices fixed (Deep Compression's centroid
+fine-tuning). Its parameters are tuned with the chain rule, dL/dparam = reduce(dL/dW),
+for a codebook the sum of dL/dW over the weights that share each entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -34,6 +40,47 @@ LR = 3e-3
 BETAS = (0.9, 0.999)
 MIXUP = 0.4
 BATCH = 16  # samples per step
+
+
+@dataclass
+class Tie:
+    """A student initializer computed from trainable parameters (entries of
+    ``distill``'s params, initially ``init``; ``masks`` as distill's): its value is
+    ``expand(params)``; ``reduce(dL/dvalue, params)`` gives {name: dL/dparam}."""
+
+    init: dict[str, np.ndarray]
+    expand: Callable[[dict], np.ndarray]
+    reduce: Callable[[np.ndarray, dict], dict[str, np.ndarray]]
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Weights:
+    """The student's trainable initializers: the untied params (the same arrays) and the
+    tied weights expanded from theirs."""
+
+    params: dict[str, np.ndarray]
+    ties: dict[str, Tie]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        tied = {n for tie in self.ties.values() for n in tie.init}
+        self.values.update({k: v for k, v in self.params.items() if k not in tied})
+        self.refresh()
+
+    def refresh(self) -> None:
+        for name, tie in self.ties.items():
+            self.values[name] = tie.expand(self.params)
+
+    def untie(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """dL/dparam from dL/d initializer."""
+        out: dict[str, np.ndarray] = {}
+        for name, grad in grads.items():
+            parts = self.ties[name].reduce(grad, self.params) if name in self.ties else \
+                {name: grad}
+            for k, g in parts.items():
+                out[k] = out[k] + g if k in out else g
+        return out
 
 
 @dataclass
@@ -58,7 +105,8 @@ def logits_name(model: onnx.ModelProto) -> str:
 def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
             params: dict[str, np.ndarray], masks: dict[str, np.ndarray],
             features: list[str], batches: list[dict], steps: int, seed: int = 0,
-            progress=lambda message: None) -> Distilled:
+            progress=lambda message: None, ties: dict[str, Tie] | None = None
+            ) -> Distilled:
     """Tune ``params`` (initializers of ``student``) towards ``reference``'s outputs.
 
     Args:
@@ -69,27 +117,30 @@ def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
         features: tensors of both models matched besides the logits.
         batches: calibration batches.
         steps: Adam steps (BATCH augmented calibration samples each).
+        ties: initializer name -> its Tie (its parameters are in ``params``).
 
     Raises:
         ValueError: ``student`` has an op autodiff.py cannot differentiate.
     """
     params = {k: np.array(v, np.float32) for k, v in params.items()}
-    tape = autodiff.Tape(student, params)
+    weights = _Weights(params, ties or {})
+    tape = autodiff.Tape(student, weights.values)
     logits = logits_name(reference)
     teacher = _Teacher(reference, [logits, *features])
     try:
         scale = teacher.scales(batches)
         before = _mean_loss(tape, teacher, batches, scale, logits)
-        _descend(tape, teacher, params, masks, batches, steps, scale, logits,
+        _descend(tape, teacher, weights, masks, batches, steps, scale, logits,
                  np.random.default_rng(seed), progress)
         return Distilled(params, before, _mean_loss(tape, teacher, batches, scale, logits))
     finally:
         teacher.close()
 
 
-def _descend(tape, teacher, params, masks, batches, steps, scale, logits, rng,
+def _descend(tape, teacher, weights, masks, batches, steps, scale, logits, rng,
              progress) -> None:
-    """``steps`` Adam steps on ``params`` (in place), cosine-decayed."""
+    """``steps`` Adam steps on ``weights.params`` (in place), cosine-decayed."""
+    params = weights.params
     moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in params.items()}
     rms = {k: float(np.sqrt(np.mean(v ** 2))) + 1e-8 for k, v in params.items()}
     pool, chunk = _pool(batches)
@@ -99,12 +150,13 @@ def _descend(tape, teacher, params, masks, batches, steps, scale, logits, rng,
     for step in range(1, steps + 1):
         pick = rng.choice(count, size, replace=count < size)
         batch = _augment({k: v[pick] for k, v in pool.items()}, rng)
-        grads = _gradients(tape, teacher, batch, chunk, whole, scale, logits)
+        grads = weights.untie(_gradients(tape, teacher, batch, chunk, whole, scale, logits))
         rate = LR * 0.5 * (1 + np.cos(np.pi * step / steps))
         for name, grad in grads.items():
             _adam(params, moments, name, grad * masks.get(name, 1), step, rate * rms[name])
             if name in masks:
                 params[name] *= masks[name]
+        weights.refresh()
         if step % max(1, steps // 20) == 0:
             progress(f"distillation: step {step}/{steps}")
 

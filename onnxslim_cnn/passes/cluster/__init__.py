@@ -28,6 +28,13 @@ layer's measured network sensitivity (sensitivity.py). Output SQNR per layer,
 (``sqnr_kmeans_db``) and the result (``sqnr_db``); their mean difference is
 ``mean_refine_gain_db``.
 
+With ``distill_steps`` (and data) the clustered layers are first installed as dense
+decoded weights; their codebooks, scales and biases, and each weight's latent value
+(re-assigned to its nearest centroid every step: a straight-through estimate), are then
+tuned together towards the pass's input model (tune.py, recover/distill.py), and the
+result is encoded as above. Declined, the clustering kept, when that does not lower
+the calibration loss.
+
 After prune-weights: a weight it stored sparse is decoded to a dense constant again
 (sites.densify_sparse), clustered with an exact 0 centroid for its zeros, and a
 per-tensor codebook is then stored sparse too (storage.encode_sparse with the codebook
@@ -54,9 +61,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import storage
-from ...errors import PreconditionError
-from ..base import Pass, PassContext, PassResult, register, taken_names, unique_name
-from . import kmeans, refine, select, sensitivity, sequence, sites
+from ...errors import UsageError
+from ...recover.layers import tune_nodes
+from ..base import Pass, PassContext, PassResult, register, replace_uses, taken_names, unique_name
+from . import kmeans, refine, select, sensitivity, sequence, sites, tune
 
 SMALL = 64 * 1024  # below this many dense bytes, encode in a scratch graph first
 PROBE_BITS = 3  # width at which each layer's network sensitivity is measured
@@ -80,6 +88,9 @@ class ClusterOptions:
         data_aware: least-squares centroids on calibration data (else plain k-means).
         sequential_fit: fit each layer on the inputs of the model whose earlier layers
             are already clustered (sequence.py), with calibration data.
+        distill_steps: then tune the codebooks, scales and biases of all clustered
+            layers together towards the pass's input model for this many steps on the
+            calibration data, indices fixed (tune.py); 0: off.
     """
 
     bits: int | None = None
@@ -89,6 +100,7 @@ class ClusterOptions:
     kmeans_init: str = "linear"
     data_aware: bool = True
     sequential_fit: bool = True
+    distill_steps: int = 0
 
 
 @register
@@ -100,18 +112,20 @@ class ClusterWeights(Pass):
     after = ("fold-bn", "remove-identity", "fold-constants")
     Options = ClusterOptions
 
-    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+    def check_options(self) -> None:
         o = self.options
         if sum(x is not None for x in (o.bits, o.avg_bits, o.min_sqnr_db)) > 1:
-            raise PreconditionError("give one of --bits, --avg-bits, --min-layer-sqnr")
+            raise UsageError("give one of --bits, --avg-bits, --min-layer-sqnr")
         if o.bits is not None and not 1 <= o.bits <= 8:
-            raise PreconditionError(f"--bits must be in 1..8, got {o.bits}")
+            raise UsageError(f"--bits must be in 1..8, got {o.bits}")
         if o.avg_bits is not None and not o.avg_bits > 0:
-            raise PreconditionError(f"--avg-bits must be positive, got {o.avg_bits}")
+            raise UsageError(f"--avg-bits must be positive, got {o.avg_bits}")
         if o.granularity not in ("auto", *sites.GRANULARITIES):
-            raise PreconditionError(f"unknown codebook granularity '{o.granularity}'")
+            raise UsageError(f"unknown codebook granularity '{o.granularity}'")
+        if o.distill_steps < 0:
+            raise UsageError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
         if o.kmeans_init not in kmeans.INITS:
-            raise PreconditionError(f"unknown k-means init '{o.kmeans_init}' "
+            raise UsageError(f"unknown k-means init '{o.kmeans_init}' "
                                     f"(known: {', '.join(kmeans.INITS)})")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -120,13 +134,20 @@ class ClusterWeights(Pass):
         found, declined = sites.find(graph)
         result = PassResult(changed=False)
         result.declined.update(declined)
+        # with distillation the layers are installed dense first (pending), encoded after
+        distilling = bool(found and self.options.distill_steps and ctx.calib)
+        reference = gs.export_onnx(graph, do_type_check=False) if distilling else None
+        pending = [] if distilling else None
         if found:
-            self._run(graph, found, ctx, taken, result)
+            start = time.perf_counter()
+            self._run(graph, found, ctx, taken, result, pending)
+            if pending:
+                self._distill(graph, reference, pending, ctx, taken, result)
+            self._stats(result, time.perf_counter() - start)
         _sparse_again(graph, dense, taken)
         return result
 
-    def _run(self, graph, found, ctx, taken, result: PassResult) -> None:
-        start = time.perf_counter()
+    def _run(self, graph, found, ctx, taken, result: PassResult, pending) -> None:
         grams = self._grams(graph, found, ctx)
         picks = self._choose(graph, found, grams, ctx)
         later = {}
@@ -140,13 +161,13 @@ class ClusterWeights(Pass):
                 clustered = pick.clustering if reuse else self._cluster(
                     site, pick.bits, pick.granularity, self._quads([site], grams), ctx)
                 self._encode(graph, site, clustered, _plain_shift(site, clustered, grams),
-                             taken, result)
+                             taken, result, pending)
         if later:
             self._sequential(graph, [s for s in found if s.key in later], later, reference,
-                             ctx, taken, result)
-        self._stats(result, time.perf_counter() - start)
+                             ctx, taken, result, pending)
 
-    def _sequential(self, graph, found, picks, reference, ctx, taken, result) -> None:
+    def _sequential(self, graph, found, picks, reference, ctx, taken, result, pending
+                    ) -> None:
         """Cluster wave by wave on the partly clustered model's inputs (sequence.py)."""
         for n, wave in enumerate(sequence.waves(graph, found)):
             ctx.progress(f"cluster-weights: sequential wave {n + 1} ({len(wave)} layers)")
@@ -164,7 +185,7 @@ class ClusterWeights(Pass):
                                           self.options.kmeans_init, ctx.seed, True)
                 decoded = clustered.decoded()
                 shift = stats.bias_shift(site.w2, decoded) if centred else None
-                self._encode(graph, fitted, clustered, shift, taken, result)
+                self._encode(graph, fitted, clustered, shift, taken, result, pending)
 
     # -- data ------------------------------------------------------------------------
 
@@ -263,17 +284,41 @@ class ClusterWeights(Pass):
 
     # -- storage ---------------------------------------------------------------------
 
-    def _encode(self, graph, site, clustered, shift, taken, result: PassResult) -> None:
-        """Store ``clustered`` in place of the weight; ``shift``: bias change or None."""
+    def _encode(self, graph, site, clustered, shift, taken, result: PassResult,
+                pending: list | None = None) -> None:
+        """Store ``clustered`` in place of the weight; ``shift``: bias change or None.
+        With ``pending`` (a list) the decoded weight is installed as a dense constant
+        and (site, clustered, that constant) appended, for ``_distill`` to encode."""
         if self._file_cost(site, clustered) is None:
             result.declined["encoding would not make the file smaller"] += 1
             return
-        encoded = sites.encode(graph, site.const.name, site, clustered, taken)
-        storage.replace_with(graph, site.const, encoded)
+        if pending is None:
+            encoded = sites.encode(graph, site.const.name, site, clustered, taken)
+            storage.replace_with(graph, site.const, encoded)
+            result.layers.append(_record(site, clustered, encoded))
+        else:
+            dense = gs.Constant(unique_name(taken, f"{site.const.name}_clustered"),
+                                tune.stored_layout(site, clustered.decoded()))
+            replace_uses(site.const, dense)
+            pending.append((site, clustered, dense))
         if shift is not None and site.bias is not None:
             _correct_bias(site, shift, taken)
         result.changed = True
-        result.layers.append(_record(site, clustered, encoded))
+
+    def _distill(self, graph, reference, pending, ctx, taken, result: PassResult) -> None:
+        """Tune the pending layers' codebooks, scales and biases together (tune.py), then
+        encode them (as clustered when the distillation declines)."""
+        ties = {dense.name: tune.codebook_tie(site, c, dense.name)
+                for site, c, dense in pending}
+        values = tune_nodes(reference, graph, [site.node for site, _, _ in pending], False,
+                            ctx, self.options.distill_steps, result, taken, ties)
+        for site, clustered, dense in pending:
+            if values is not None:
+                clustered = tune.tuned(clustered, dense.name, values)
+            encoded = sites.encode(graph, site.const.name, site, clustered, taken)
+            storage.replace_with(graph, dense, encoded)
+            result.layers.append({**_record(site, clustered, encoded),
+                                  "distilled": values is not None})
 
     @staticmethod
     def _stats(result: PassResult, seconds: float) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...errors import PreconditionError
+from ...errors import UsageError
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names, unique_name
 from ..qdq.bias_correct import subset
 from . import gram, spaces
@@ -58,12 +58,12 @@ class PruneChannels(Pass):
     after = ("fold-bn",)
     Options = PruneChannelsOptions
 
-    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+    def check_options(self) -> None:
         if not 0 < self.options.channel_ratio < 1:
-            raise PreconditionError(f"--channel-ratio must be in (0, 1), got "
+            raise UsageError(f"--channel-ratio must be in (0, 1), got "
                                     f"{self.options.channel_ratio}")
         if self.options.channel_score not in ("l2", "l1", "activation"):
-            raise PreconditionError(f"unknown channel score '{self.options.channel_score}'")
+            raise UsageError(f"unknown channel score '{self.options.channel_score}'")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)

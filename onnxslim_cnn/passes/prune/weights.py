@@ -54,7 +54,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ... import storage
-from ...errors import PreconditionError
+from ...errors import UsageError
 from ...recover.layers import tune_nodes
 from ..base import Pass, PassContext, PassResult, register, taken_names, unique_name
 from ..qdq.bias_correct import subset
@@ -91,21 +91,21 @@ class PruneWeights(Pass):
     after = ("fold-bn",)
     Options = PruneWeightsOptions
 
-    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+    def check_options(self) -> None:
         o = self.options
         if o.sparsity is not None and not 0 <= o.sparsity < 1:
-            raise PreconditionError(f"--sparsity must be in [0, 1), got {o.sparsity}")
+            raise UsageError(f"--sparsity must be in [0, 1), got {o.sparsity}")
         if o.distill_steps < 0:
-            raise PreconditionError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
+            raise UsageError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
         if o.threshold is not None and o.threshold < 0:
-            raise PreconditionError(f"--threshold must be 0 or more, got {o.threshold}")
+            raise UsageError(f"--threshold must be 0 or more, got {o.threshold}")
         if o.allocation not in ALLOCATIONS or o.prune_method not in METHODS or \
                 o.score not in ("magnitude", "activation"):
-            raise PreconditionError(f"unknown allocation '{o.allocation}', score "
+            raise UsageError(f"unknown allocation '{o.allocation}', score "
                                     f"'{o.score}' or method '{o.prune_method}'")
         bad = set(o.prune_ops.split(",")) - set(OPS)
         if bad:
-            raise PreconditionError(f"--prune-ops: unknown {', '.join(sorted(bad))}")
+            raise UsageError(f"--prune-ops: unknown {', '.join(sorted(bad))}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)

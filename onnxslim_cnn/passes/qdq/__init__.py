@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import storage
-from ...errors import PreconditionError
+from ...errors import PreconditionError, UsageError
 from .. import float16
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names
 from ..fold_bn import FoldBatchNorm
@@ -109,16 +109,16 @@ class QdqInt8(Pass):
         if self.options.weights_only == "int4":
             self.min_opset = 21  # INT4 tensors
 
-    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+    def check_options(self) -> None:
         if self.options.weights_only not in (None, "int8", "int4"):
-            raise PreconditionError(f"--weights-only takes int8 or int4, not "
-                                    f"'{self.options.weights_only}'")
-        if self.options.weights_only:
-            return
-        if self.options.calib_method not in METHODS:
-            raise PreconditionError(f"unknown calibration method '{self.options.calib_method}'"
-                                    f" (known: {', '.join(METHODS)})")
-        if not ctx.calib:
+            raise UsageError(f"--weights-only takes int8 or int4, not "
+                             f"'{self.options.weights_only}'")
+        if not self.options.weights_only and self.options.calib_method not in METHODS:
+            raise UsageError(f"unknown calibration method '{self.options.calib_method}'"
+                             f" (known: {', '.join(METHODS)})")
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if not self.options.weights_only and not ctx.calib:
             raise PreconditionError("qdq-int8 needs calibration data")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from ... import validate
-from ...errors import PreconditionError
+from ...errors import UsageError
 from ...recover.layers import tune_nodes
 from ..base import Pass, PassContext, PassResult, register, taken_names
 from . import rewrite, stats
@@ -88,19 +88,19 @@ class SvdSplit(Pass):
     after = ("fold-bn",)
     Options = SvdOptions
 
-    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+    def check_options(self) -> None:
         o = self.options
         for flag, value in (("rank-ratio", o.rank_ratio), ("energy", o.energy)):
             if value is not None and not 0 < value <= 1:
-                raise PreconditionError(f"--{flag} must be in (0, 1], not {value}")
+                raise UsageError(f"--{flag} must be in (0, 1], not {value}")
         if o.rank_ratio is not None and o.energy is not None:
-            raise PreconditionError("give --rank-ratio or --energy, not both")
+            raise UsageError("give --rank-ratio or --energy, not both")
         if not o.svd_error > 0 or not 0 <= o.svd_min_saving < 1:
-            raise PreconditionError("--svd-error must be > 0 and --svd-min-saving in [0, 1)")
+            raise UsageError("--svd-error must be > 0 and --svd-min-saving in [0, 1)")
         if o.svd_mode not in MODES:
-            raise PreconditionError(f"--svd-mode takes {', '.join(MODES)}, not {o.svd_mode}")
+            raise UsageError(f"--svd-mode takes {', '.join(MODES)}, not {o.svd_mode}")
         if o.distill_steps < 0:
-            raise PreconditionError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
+            raise UsageError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
 
     @property
     def data_free(self) -> bool:
