@@ -82,6 +82,10 @@ TOOLS: dict[str, Tool] = {
     # Mixed precision: bits per layer from measured sensitivity, 5 or 4 bits on average.
     **{f"ours-cluster-avg{bits}": ours(f"{CLEAN},cluster-weights,{NAMES}", "--avg-bits",
                                        str(bits), *OPEN_BUDGET) for bits in (5, 4)},
+    # ... and then the clustered layers tuned together towards the original (codebooks,
+    # scales, biases and each weight's centroid; judged on held-out calibration images).
+    "ours-cluster-avg4-kd": ours(f"{CLEAN},cluster-weights,{NAMES}", "--avg-bits", "4",
+                                 "--distill-steps", "300", *OPEN_BUDGET),
     # Pruning and clustering composed: half the weights zero, 4-bit codebooks of the rest
     # stored sparse (1-bit mask + 4-bit indices of the nonzeros: ~3 bits per weight).
     "ours-prune50-cluster4": ours(f"{CLEAN},prune-weights,cluster-weights,{NAMES}",

@@ -33,7 +33,7 @@ decoded weights; their codebooks, scales and biases, and each weight's latent va
 (re-assigned to its nearest centroid every step: a straight-through estimate), are then
 tuned together towards the pass's input model (tune.py, recover/distill.py), and the
 result is encoded as above. Declined, the clustering kept, when that does not lower
-the calibration loss.
+the loss on held-out calibration samples (recover/distill.py).
 
 After prune-weights: a weight it stored sparse is decoded to a dense constant again
 (sites.densify_sparse), clustered with an exact 0 centroid for its zeros, and a
