@@ -102,14 +102,14 @@ def option(tag, size, error):
 
 
 def test_auto_pareto_drops_dominated_options():
-    front = allocate.pareto([option("fp32", 100, 0.0), option("a", 50, 0.01),
+    front = allocate.pareto([option("float", 100, 0.0), option("a", 50, 0.01),
                              option("b", 60, 0.02), option("c", 20, 0.1)])
-    assert [o.tag for o in front] == ["fp32", "a", "c"]
+    assert [o.tag for o in front] == ["float", "a", "c"]
 
 
 def test_auto_greedy_path_takes_best_bytes_per_error_first():
-    fronts = {"cheap": [option("fp32", 100, 0.0), option("x", 10, 1e-4)],
-              "costly": [option("fp32", 100, 0.0), option("x", 10, 1e-1)]}
+    fronts = {"cheap": [option("float", 100, 0.0), option("x", 10, 1e-4)],
+              "costly": [option("float", 100, 0.0), option("x", 10, 1e-1)]}
     path = allocate.greedy_path(fronts)
     assert path == [{"cheap": 0, "costly": 0}, {"cheap": 1, "costly": 0},
                     {"cheap": 1, "costly": 1}]

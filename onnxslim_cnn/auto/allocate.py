@@ -1,6 +1,6 @@
 """Allocation: which candidate each layer takes, greedy on bytes saved per unit of error.
 
-Every layer starts at its float weights (choice ``fp32``: no bytes saved, no error).
+Every layer starts at its float weights (choice ``float``: no bytes saved, no error).
 Its options are the Pareto front of its measured (bytes, error) candidates: sorted by
 bytes, decreasing, with error increasing. One step moves one layer to a cheaper option;
 the greedy step with the best ratio

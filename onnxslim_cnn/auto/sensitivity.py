@@ -79,8 +79,9 @@ class Sensitivity:
         self.cache: dict[tuple[str, str], float] = {}
 
     def options(self, layer: str, patches: list[Patch], base_bytes: int) -> list[Option]:
-        """The float option and one option per patch of ``layer``."""
-        found = [Option("fp32", None, base_bytes, 0.0, SQNR_CAP)]
+        """The float option (the layer's own weights, ``float``: fp32 or fp16) and one
+        option per patch of ``layer``."""
+        found = [Option("float", None, base_bytes, 0.0, SQNR_CAP)]
         for patch in patches:
             error = self.error(patch)
             found.append(Option(patch.tag, patch, base_bytes - patch.base_bytes + patch.bytes,

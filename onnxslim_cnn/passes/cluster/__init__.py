@@ -88,9 +88,9 @@ class ClusterOptions:
         data_aware: least-squares centroids on calibration data (else plain k-means).
         sequential_fit: fit each layer on the inputs of the model whose earlier layers
             are already clustered (sequence.py), with calibration data.
-        distill_steps: then tune the codebooks, scales and biases of all clustered
-            layers together towards the pass's input model for this many steps on the
-            calibration data, indices fixed (tune.py); 0: off.
+        distill_steps: then tune the codebooks, scales, biases and centroid choices of
+            all clustered layers together towards the pass's input model for this many
+            steps on the calibration data (tune.py); 0: off.
     """
 
     bits: int | None = None
@@ -126,7 +126,7 @@ class ClusterWeights(Pass):
             raise UsageError(f"--distill-steps must be 0 or more, got {o.distill_steps}")
         if o.kmeans_init not in kmeans.INITS:
             raise UsageError(f"unknown k-means init '{o.kmeans_init}' "
-                                    f"(known: {', '.join(kmeans.INITS)})")
+                             f"(known: {', '.join(kmeans.INITS)})")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         taken = taken_names(graph)

@@ -61,7 +61,7 @@ class PruneChannels(Pass):
     def check_options(self) -> None:
         if not 0 < self.options.channel_ratio < 1:
             raise UsageError(f"--channel-ratio must be in (0, 1), got "
-                                    f"{self.options.channel_ratio}")
+                             f"{self.options.channel_ratio}")
         if self.options.channel_score not in ("l2", "l1", "activation"):
             raise UsageError(f"unknown channel score '{self.options.channel_score}'")
 

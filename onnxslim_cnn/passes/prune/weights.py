@@ -102,7 +102,7 @@ class PruneWeights(Pass):
         if o.allocation not in ALLOCATIONS or o.prune_method not in METHODS or \
                 o.score not in ("magnitude", "activation"):
             raise UsageError(f"unknown allocation '{o.allocation}', score "
-                                    f"'{o.score}' or method '{o.prune_method}'")
+                             f"'{o.score}' or method '{o.prune_method}'")
         bad = set(o.prune_ops.split(",")) - set(OPS)
         if bad:
             raise UsageError(f"--prune-ops: unknown {', '.join(sorted(bad))}")
