@@ -320,3 +320,34 @@ def test_distillation_reads_an_earlier_pass_decode_as_the_constant_it_computes()
     assert not [r for r in result.declined if r.startswith("distillation")]
     assert result.stats["distill_loss_after"] < result.stats["distill_loss_before"]
     assert op_counts(out)["DequantizeLinear"] == 1  # the graph keeps its decode
+
+
+@pytest.mark.parametrize("sizes, held", [([16] * 6 + [4], 32), ([1] * 12, 3), ([2] * 3, 2),
+                                         ([16], 0), ([2] * 2, 0)])
+def test_distill_holds_out_the_last_quarter_of_the_samples(sizes, held):
+    """In whole batches of the first batch's size (a fixed-batch model takes no other);
+    too few samples for that: both are every batch."""
+    batches = [{"x": np.full((n, 1), i, np.float32)} for i, n in enumerate(sizes)]
+    fit, judged = recover.split(batches)
+    if not held:
+        assert fit is batches and judged is batches
+        return
+    assert [len(b["x"]) for b in judged] == [sizes[0]] * (held // sizes[0])
+    assert all(len(b["x"]) <= sizes[0] for b in fit)
+    joined = np.concatenate([b["x"] for b in fit + judged])
+    np.testing.assert_array_equal(joined, np.concatenate([b["x"] for b in batches]))
+
+
+def test_distill_keeps_the_start_when_tuning_never_lowers_the_held_out_loss(monkeypatch):
+    model = graph_model()
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    noisy = {"wg": weights["wg"] + rand((5, 8), 40, 0.2), "bg": weights["bg"]}
+    student = make_model(GRAPH, {**weights, **noisy})
+    batches = [{"x": rand((4, 3, 11, 11), 50 + i)} for i in range(4)]
+    monkeypatch.setattr(recover, "LR", 30.0)  # steps far too large: the loss only rises
+    progress = []
+    done = recover.distill(model, student, noisy, {}, [], batches, steps=100,
+                           progress=progress.append)
+    assert done.loss_after == done.loss_before
+    np.testing.assert_array_equal(done.values["wg"], noisy["wg"])
+    assert any("stopped at step 30" in p for p in progress)  # checkpoints 10, 20, 30
