@@ -269,14 +269,14 @@ def clustered_and_distilled(model, batches, extra=None):
     fitted, _ = apply_pass(ClusterWeights, model, base, ctx)
     tuned, result = apply_pass(ClusterWeights, model, {**base, "distill_steps": 200}, ctx)
     assert result.stats["distill_loss_after"] < result.stats["distill_loss_before"]
-    assert all(r["distilled"] for r in result.layers) and len(result.layers) >= 4
+    assert all(r["distilled"] for r in result.layers) and len(result.layers) >= 3
     return fitted, tuned, result
 
 
 def test_cluster_weights_distillation_lowers_error_on_unseen_data_and_stays_a_codebook():
     model = cnn()
     fitted, tuned, result = clustered_and_distilled(model, calib())
-    assert unseen_error(model, tuned) < 0.8 * unseen_error(model, fitted)  # measured ~0.6x
+    assert unseen_error(model, tuned) < 0.75 * unseen_error(model, fitted)  # measured 0.49x
     assert op_counts(tuned) == op_counts(fitted)  # the same decode nodes, other values
     assert result.stats["avg_bits"] == apply_pass(
         ClusterWeights, model, {"bits": 2, "data_aware": False},
@@ -351,3 +351,11 @@ def test_distill_keeps_the_start_when_tuning_never_lowers_the_held_out_loss(monk
     assert done.loss_after == done.loss_before
     np.testing.assert_array_equal(done.values["wg"], noisy["wg"])
     assert any("stopped at step 30" in p for p in progress)  # checkpoints 10, 20, 30
+
+
+def test_cluster_weights_distillation_of_a_float16_model_stays_float16():
+    model = cnn16()
+    fitted, tuned, _ = clustered_and_distilled(model, calib16())
+    assert io_types(tuned) == {onnx.TensorProto.FLOAT16}
+    assert unseen_error(model, tuned, np.float16) < 0.9 * unseen_error(
+        model, fitted, np.float16)  # measured 0.75x
