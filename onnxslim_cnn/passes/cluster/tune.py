@@ -1,21 +1,25 @@
 """Codebook distillation for cluster-weights (``distill_steps``): the centroids of every
-clustered layer, their per-channel scales and the layers' biases tuned together towards
-the model the pass started from, the indices fixed (Deep Compression's centroid
-fine-tuning, here without labels: recover/distill.py).
+clustered layer, their per-channel scales, the layers' biases and which centroid each
+weight takes, tuned together towards the model the pass started from (Deep
+Compression's centroid fine-tuning, here without labels: recover/distill.py).
 
-Why: each layer's centroids are fitted to its own output (refine.py, sequence.py); the
-error the clustered layers build together reaches the network output uncorrected. The
-few shared values per layer (k per codebook, plus O scales) are tuned on the
-calibration data with little room to over-fit it.
+Why: each layer's centroids and indices are fitted to its own output (refine.py,
+sequence.py); the error the clustered layers build together reaches the network output
+uncorrected.
 
-Gradients through the decode (indices fixed): with W2 = s_o * c[idx_{o,p}] (s = 1
-without scales; a channel codebook has a row c_o per output channel),
+Gradients through the decode: with W2 = s_o * c[idx_{o,p}] (s = 1 without scales; a
+channel codebook has a row c_o per output channel),
     dL/dc_j = sum_{o,p: idx_{o,p} = j} s_o dL/dW2_{o,p}           (segment sums)
     dL/ds_o = sum_p c[idx_{o,p}] dL/dW2_{o,p}
-A pruned layer's exact-0 centroid (index 0) stays 0.
+The indices have no gradient: each weight keeps a latent value v (in codebook units,
+starting at its centroid), moved by the straight-through estimate dL/dv = s_o dL/dW2,
+and idx = the nearest centroid of v, re-taken every step. Measured on ResNet-8 at 3
+bits (1000 unseen images): -2.8 -> -1.4 points with the indices free, -2.3 with them
+fixed (both tuned on all 100 calibration images). A pruned layer's exact-0 centroid
+(index 0) and its zeros stay 0.
 
-Before:  W' = decode(idx, c, s) -> Conv        (clustered, weights installed dense)
-After:   W'' = decode(idx, c', s') -> Conv     (c', s', bias' tuned), then encoded
+Before:  W' = decode(idx, c, s) -> Conv          (clustered, weights installed dense)
+After:   W'' = decode(idx', c', s') -> Conv      (idx', c', s', bias' tuned), then encoded
 """
 
 from __future__ import annotations
