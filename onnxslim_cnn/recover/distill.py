@@ -142,7 +142,8 @@ def distill(reference: onnx.ModelProto, student: onnx.ModelProto,
     fit, held = split(batches)
     try:
         scale = teacher.scales(batches)
-        judge = _Best(lambda: _mean_loss(tape, teacher, held, scale, logits), weights)
+        targets = [teacher.run(b) for b in held]  # measured at every checkpoint
+        judge = _Best(lambda: _mean_loss(tape, held, targets, scale, logits), weights)
         _descend(tape, teacher, weights, masks, fit, steps, scale, logits,
                  np.random.default_rng(seed), progress, judge)
         judge.check()
@@ -301,9 +302,9 @@ def _loss(env, targets, scale, logits) -> tuple[float, dict[str, np.ndarray]]:
     return total, grads
 
 
-def _mean_loss(tape, teacher, batches, scale, logits) -> float:
-    losses = [_loss(tape.forward(b, keep=False)[0], teacher.run(b), scale, logits)[0]
-              for b in batches]
+def _mean_loss(tape, batches, targets, scale, logits) -> float:
+    losses = [_loss(tape.forward(b, keep=False)[0], t, scale, logits)[0]
+              for b, t in zip(batches, targets, strict=True)]
     return float(np.mean(losses))
 
 
