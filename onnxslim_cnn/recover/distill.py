@@ -181,13 +181,14 @@ class _Best:
     first: float = 0.0
     loss: float = float("inf")
     stale: int = 0  # checkpoints since the best
+    last: float = 0.0  # the latest checkpoint's loss
 
     def __post_init__(self):
         self.first = self.loss = self.measure()
         self.best = {k: v.copy() for k, v in self.weights.params.items()}
 
     def check(self) -> None:
-        loss = self.measure()
+        loss = self.last = self.measure()
         self.stale += 1
         if loss < self.loss:
             self.loss, self.best = loss, {k: v.copy() for k, v in self.weights.params.items()}
@@ -219,6 +220,8 @@ def _descend(tape, teacher, weights, masks, batches, steps, scale, logits, rng,
             progress(f"distillation: step {step}/{steps}")
         if step < steps and step % max(1, steps // CHECKPOINTS) == 0:
             judge.check()
+            progress(f"distillation: held-out loss {judge.last:.4g} at step {step} "
+                     f"(start {judge.first:.4g}, best {judge.loss:.4g})")
             if judge.stale >= PATIENCE:
                 progress(f"distillation: stopped at step {step}: the held-out loss has not "
                          f"fallen for {PATIENCE} checkpoints")
