@@ -134,25 +134,26 @@ class ClusterWeights(Pass):
         found, declined = sites.find(graph)
         result = PassResult(changed=False)
         result.declined.update(declined)
+        # the unclustered model, exported once: input statistics, sensitivities, the
+        # sequential fit and distillation read it (all need data)
+        original = gs.export_onnx(graph, do_type_check=False) if found and ctx.calib \
+            else None
         # with distillation the layers are installed dense first (pending), encoded after
-        distilling = bool(found and self.options.distill_steps and ctx.calib)
-        reference = gs.export_onnx(graph, do_type_check=False) if distilling else None
-        pending = [] if distilling else None
+        pending = [] if original is not None and self.options.distill_steps else None
         if found:
             start = time.perf_counter()
-            self._run(graph, found, ctx, taken, result, pending)
+            self._run(graph, original, found, ctx, taken, result, pending)
             if pending:
-                self._distill(graph, reference, pending, ctx, taken, result)
+                self._distill(graph, original, pending, ctx, taken, result)
             self._stats(result, time.perf_counter() - start)
         _sparse_again(graph, dense, taken)
         return result
 
-    def _run(self, graph, found, ctx, taken, result: PassResult, pending) -> None:
-        grams = self._grams(graph, found, ctx)
-        picks = self._choose(graph, found, grams, ctx)
+    def _run(self, graph, original, found, ctx, taken, result: PassResult, pending) -> None:
+        grams = self._grams(original, found, ctx)
+        picks = self._choose(original, found, grams, ctx)
         later = {}
         if self.options.sequential_fit and self.options.data_aware and grams:
-            reference = gs.export_onnx(graph, do_type_check=False)
             later = {s.key: p for s, p in zip(found, picks, strict=True) if s.key in grams}
         for site, pick in zip(found, picks, strict=True):
             if site.key not in later:
@@ -163,7 +164,7 @@ class ClusterWeights(Pass):
                 self._encode(graph, site, clustered, _plain_shift(site, clustered, grams),
                              taken, result, pending)
         if later:
-            self._sequential(graph, [s for s in found if s.key in later], later, reference,
+            self._sequential(graph, [s for s in found if s.key in later], later, original,
                              ctx, taken, result, pending)
 
     def _sequential(self, graph, found, picks, reference, ctx, taken, result, pending
@@ -189,14 +190,14 @@ class ClusterWeights(Pass):
 
     # -- data ------------------------------------------------------------------------
 
-    def _grams(self, graph, found, ctx) -> dict[str, refine.Moments]:
-        """Input second moments per site (only sites small enough to refine)."""
-        if not ctx.calib:
+    def _grams(self, original, found, ctx) -> dict[str, refine.Moments]:
+        """Input second moments per site (only sites small enough to refine) in the
+        unclustered model ``original`` (None without data)."""
+        if original is None:
             return {}
         layers = {s.key: (s.node.inputs[0].name, s.geom) for s in found
                   if s.w2.shape[1] <= refine.MAX_PATCH}
-        model = gs.export_onnx(graph, do_type_check=False)
-        return refine.collect_grams(model, layers, ctx.calib, ctx.seed, ctx.progress)
+        return refine.collect_grams(original, layers, ctx.calib, ctx.seed, ctx.progress)
 
     # -- choice ----------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class ClusterWeights(Pass):
         return {s.key: refine.Quadratic(s.w2, grams.get(s.key), s.bias is not None)
                 for s in found}
 
-    def _choose(self, graph, found, grams, ctx) -> list[select.Candidate]:
+    def _choose(self, original, found, grams, ctx) -> list[select.Candidate]:
         o = self.options
         widths = [o.bits or 4] if o.avg_bits is None and o.min_sqnr_db is None else \
             list(BUDGET_WIDTHS)
@@ -231,8 +232,8 @@ class ClusterWeights(Pass):
                           for b, g in options])
         if o.avg_bits is not None:
             scale = None
-            if ctx.calib:
-                scale, table = self._sensitivities(graph, found, table, quads, grams, ctx)
+            if original is not None:
+                scale, table = self._sensitivities(original, found, table, quads, grams, ctx)
             picks = select.by_size(table, o.avg_bits / 8 * sum(s.size for s in found), scale)
         elif o.min_sqnr_db is not None:
             picks = select.by_error(table, o.min_sqnr_db)
@@ -241,7 +242,7 @@ class ClusterWeights(Pass):
                                                                      strict=True)]
         return picks
 
-    def _sensitivities(self, graph, found, table, quads, grams, ctx):
+    def _sensitivities(self, original, found, table, quads, grams, ctx):
         """(per layer network output noise per unit of layer noise, the table with each
         layer's refinement gain added to its k-means scores), probed with the layer's
         refined best ``PROBE_BITS`` candidate (sensitivity.py)."""
@@ -256,8 +257,7 @@ class ClusterWeights(Pass):
             gain = c.sqnr_db - c.sqnr_kmeans_db
             adjusted.append([dataclasses.replace(x, sqnr_db=x.sqnr_db + gain) for x in cands])
         ctx.progress(f"cluster-weights: network sensitivity of {len(found)} layers")
-        net = sensitivity.network_noise(gs.export_onnx(graph, do_type_check=False), probes,
-                                        ctx.calib)
+        net = sensitivity.network_noise(original, probes, ctx.calib)
         return [net[s.key] / max(own[s.key], 1e-30) for s in found], adjusted
 
     def _candidate(self, site, bits, granularity, quads, ctx, keep) -> select.Candidate:
