@@ -359,10 +359,7 @@ def _plain_shift(site: sites.Site, clustered: sites.Clustered, grams) -> np.ndar
 def _probe_values(site: sites.Site, clustered: sites.Clustered, shift) -> dict:
     """{initializer name: value} of the site's decoded weight (and shifted bias), each
     in its initializer's dtype (they are fed for it)."""
-    w2 = clustered.decoded()
-    shape = np.asarray(site.const.values).shape
-    out = {site.const.name: (w2.T if site.transposed else w2).reshape(shape).astype(
-        site.dtype)}
+    out = {site.const.name: tune.stored_layout(site, clustered.decoded())}
     if shift is not None and isinstance(site.bias, gs.Constant):
         bias = np.asarray(site.bias.values)
         out[site.bias.name] = (bias + shift.reshape(bias.shape)).astype(bias.dtype)
