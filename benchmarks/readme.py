@@ -116,6 +116,7 @@ def _cluster(results: Results) -> list[str]:
     settings = {**{f"ours-cluster{b}": str(b) for b in (8, 6, 5, 4, 3)},
                 "ours-cluster-avg5": "`--avg-bits 5`", "ours-cluster-avg4": "`--avg-bits 4`",
                 "ours-cluster-avg4-kd": "`--avg-bits 4 --distill-steps 300`",
+                "ours-cluster-avg4-half": "`--avg-bits 4` + `half-constants`",
                 "ours-cluster-avg4-int8": "`--avg-bits 4` + `qdq-int8`"}
     head = " | ".join(f"{short}: size / Δtop-1 / agreement" for short in MODELS.values())
     lines = [f"| bits | {head} |", "|---|---|---|---|"]

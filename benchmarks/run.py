@@ -86,6 +86,9 @@ TOOLS: dict[str, Tool] = {
     # scales, biases and each weight's centroid; judged on held-out calibration images).
     "ours-cluster-avg4-kd": ours(f"{CLEAN},cluster-weights,{NAMES}", "--avg-bits", "4",
                                  "--distill-steps", "300", *OPEN_BUDGET),
+    # ... with what clustering leaves in float32 (biases, codebooks, scales) as float16.
+    "ours-cluster-avg4-half": ours(f"{CLEAN},cluster-weights,half-constants,{NAMES}",
+                                   "--avg-bits", "4", *OPEN_BUDGET),
     # Pruning and clustering composed: half the weights zero, 4-bit codebooks of the rest
     # stored sparse (1-bit mask + 4-bit indices of the nonzeros: ~3 bits per weight).
     "ours-prune50-cluster4": ours(f"{CLEAN},prune-weights,cluster-weights,{NAMES}",

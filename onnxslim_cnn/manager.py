@@ -162,7 +162,8 @@ class Manager:
                           evaluate=lambda m: validate.run_model(m, dataset.calib),
                           progress=self.progress, calib_labels=dataset.calib_labels)
         done: list[str] = []
-        for p in self.pipeline:
+        for k, p in enumerate(self.pipeline):
+            ctx.later = tuple(q.name for q in self.pipeline[k + 1:])
             record = self._run_pass(p, model, ctx, tuple(done))
             report.passes.append(record)
             if record.status == "applied":

@@ -31,8 +31,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
 # Options each preset gives its passes; options the user sets win.
 PRESET_OPTIONS: dict[str, dict] = {
     "safe": {"weights_only": "int8"},
-    "balanced": {"auto_budget_share": 0.5, "auto_candidates": ("int8", "c6", "c5", "c4")},
+    "balanced": {"auto_budget_share": 0.5,
+                 "auto_candidates": ("f16", "int8", "c6", "c5", "c4")},
     "max": {"auto_budget_share": 1.0,
-            "auto_candidates": ("int8", "c6", "c5", "c4", "c3", "c2")},
+            "auto_candidates": ("f16", "int8", "c6", "c5", "c4", "c3", "c2")},
 }
 DEFAULT_PRESET = "safe"

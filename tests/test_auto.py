@@ -300,3 +300,42 @@ def test_auto_top1_only_search_steps_back_along_its_path_then_to_the_cosine_floo
     assert model_io.model_bytes(export_graph(graph, m)) > sizes[-1]
 
 
+
+
+def test_auto_f16_candidate_halves_each_layer_at_tiny_error():
+    m = model()
+    found = patches.extract(m, variant(m, "f16"), "f16")
+    assert set(found) == {"conv1", "conv2", "fc"}
+    conv2 = found["conv2"]
+    assert conv2.bytes < 0.55 * conv2.base_bytes  # float16 values plus a Cast
+    assert {t.data_type for t in conv2.initializers} == {onnx.TensorProto.FLOAT16}
+    feed = feeds(m, 5)
+    ref, got = run(m, feed)["y"], run(patches.splice(m, [conv2]), feed)["y"]
+    # float16 rounding of one layer's weight and bias: ~1e-4 relative, asserted 1e-3
+    assert 0 < np.linalg.norm(got - ref) < 1e-3 * np.linalg.norm(ref)
+
+
+def test_auto_candidates_store_float32_leftovers_of_their_layers_as_float16():
+    m = model()
+    ctx = PassContext(calib=calib(m), later=("compact-names",))
+    v = variants.make_variant(m, variants.candidate("int8"), {}, ctx)
+    conv2 = patches.extract(m, v, "int8")["conv2"]
+    # per-channel scales (64) and the bias (64) as float16: no float32 left
+    types = [t.data_type for t in conv2.initializers if t.data_type != onnx.TensorProto.INT8]
+    assert onnx.TensorProto.FLOAT not in types and onnx.TensorProto.FLOAT16 in types
+    spliced = patches.splice(m, [conv2])
+    assert op_counts(spliced)["Cast"] >= 2  # int8 -> float and float16 -> float
+
+
+def test_auto_changed_constants_are_those_of_the_changed_layers_only():
+    import onnx_graphsurgeon as gs
+
+    m = model()
+    graph = gs.import_onnx(m)
+    conv2 = next(n for n in graph.nodes if n.name == "conv2")
+    stored = gs.Constant("w2_half", np.asarray(conv2.inputs[1].values, np.float16))
+    decoded = gs.Variable("w2_decoded", dtype=np.float32)
+    graph.nodes.append(gs.Node("Cast", "w2_cast", {"to": 1}, [stored], [decoded]))
+    conv2.inputs[1] = decoded
+    # conv2's new weight source and its (unchanged) bias; conv1 and fc are untouched
+    assert variants._changed_constants(m, graph) == {"w2_half", "b2"}

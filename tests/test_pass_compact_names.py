@@ -40,3 +40,22 @@ def test_compact_names_idempotent_and_deterministic():
 
 def test_compact_names_short_name_sequence():
     assert [short_name(i) for i in (0, 9, 10, 35, 36)] == ["a0", "a9", "aa", "az", "a10"]
+
+
+def test_compact_names_compacted_bytes_predicts_the_pass():
+    from onnxslim_cnn import model_io
+    from onnxslim_cnn.passes.compact_names import compacted_bytes
+    from onnxslim_cnn.passes.dedup_initializers import DedupInitializers
+    from onnxslim_cnn.passes.qdq import QdqInt8
+
+    model = make_model(TEXT, {"conv_weight_long_name": rand((4, 3, 3, 3), 1),
+                              "conv_bias_long_name": rand((4,), 2)})
+    for node in model.graph.node:
+        node.name = "node_with_a_long_name_" + node.op_type
+    # as exported by a pass (raw tensor data), and with decode subgraphs (int8 weights:
+    # Cast, Mul and their constants)
+    plain, _ = apply_pass(DedupInitializers, model)
+    int8, _ = apply_pass(QdqInt8, model, {"weights_only": "int8"})
+    for m in (plain, int8):
+        out, _ = apply_pass(CompactNames, m)
+        assert compacted_bytes(m) == model_io.model_bytes(out) < model_io.model_bytes(m)

@@ -36,8 +36,10 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from .. import model_io
 from ..errors import PreconditionError, UsageError
 from ..passes.base import Pass, PassContext, PassResult, register
+from ..passes.compact_names import compacted_bytes
 from . import allocate, search, sensitivity, variants
 from .patches import compute_nodes, extract
 
@@ -54,7 +56,7 @@ class AutoOptions:
         target_size: stop at the first allocation whose file is at most this many bytes.
     """
 
-    auto_candidates: tuple[str, ...] = ("int8", "c6", "c5", "c4", "c3")
+    auto_candidates: tuple[str, ...] = ("f16", "int8", "c6", "c5", "c4", "c3")
     auto_budget_share: float = 1.0
     auto_samples: int = 32
     target_size: int | None = None
@@ -116,7 +118,9 @@ class AutoCompress(Pass):
             # Every calibration sample resolves 1 point; the candidates fitted only
             # per-layer weights on two thirds of them, not the top-1 decisions.
             held, labels = ctx.calib, ctx.calib_labels
-        judge = search.Judge(base, fronts, held, labels, budget, ctx.progress)
+        judge = search.Judge(base, fronts, held, labels, budget, ctx.progress,
+                             file_bytes=compacted_bytes if "compact-names" in ctx.later
+                             else model_io.model_bytes)
         path = allocate.greedy_path(fronts)
         target = self.options.target_size
         state = search.by_budget(judge, path) if target is None else \
@@ -212,7 +216,8 @@ class AutoCompress(Pass):
         result.stats.update(predicted_bytes=judge.size(state), states_tried=len(judge.explored),
                             sensitivity_runs=sum(len(v) - 1 for v in every.values()))
         if self.options.target_size is not None:
-            result.stats["target_reached"] = int(judge.size(state) <= self.options.target_size)
+            result.stats["target_reached"] = int(judge.file_size(state)
+                                                 <= self.options.target_size)
 
 
 def _layer_record(layer: str, front: list, index: int, measured: list) -> dict:

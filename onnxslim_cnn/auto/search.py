@@ -4,7 +4,8 @@ Budget mode: binary search for the last state on the path whose combined model m
 the (shared) budget on the calibration samples; error grows along the path, so the
 first failing state bounds the search.
 
-Size mode (``target_size``): the first state whose predicted size reaches the target;
+Size mode (``target_size``): the first state whose file reaches the target (measured:
+the spliced model's bytes, after the compact-names pass when one follows);
 if that combination exceeds the budget, back off layer by layer, worst error first,
 until it fits (it then misses the target, which the report says); after a bounded
 number of back-off steps, the budget mode's answer.
@@ -56,17 +57,29 @@ class Judge:
     budget: Budget
     progress: Callable[[str], None]
     explored: list[dict] = field(default_factory=list)
+    # bytes of a model as it will be written (compact_names.compacted_bytes when that
+    # pass follows)
+    file_bytes: Callable[[onnx.ModelProto], int] = model_io.model_bytes
 
     def __post_init__(self):
         self.ref = validate.run_model(self.base, self.batches)
         self.base_size = model_io.model_bytes(self.base)
         self.verdicts: dict[tuple, str | None] = {}
+        self.files: dict[tuple, int] = {}
 
     def model(self, state: State) -> onnx.ModelProto:
         return splice(self.base, patches_of(self.fronts, state))
 
     def size(self, state: State) -> int:
+        """Predicted bytes: the float model's minus what the patches save."""
         return size_of(self.fronts, state, self.base_size)
+
+    def file_size(self, state: State) -> int:
+        """Bytes of ``state``'s model as the run will write it."""
+        key = tuple(sorted(state.items()))
+        if key not in self.files:
+            self.files[key] = self.file_bytes(self.model(state))
+        return self.files[key]
 
     def fails(self, state: State) -> str | None:
         """None when ``state``'s combined model meets the budget, else the reason."""
@@ -100,7 +113,7 @@ class Judge:
         return None
 
     def _note(self, state: State, metrics: validate.Metrics, reason: str | None) -> None:
-        size = self.size(state)
+        size = self.file_size(state)
         self.explored.append({"kind": "measured", "bytes": size, "cosine": metrics.cosine,
                               "sqnr_db": metrics.sqnr_db, "top1_drop": metrics.top1_drop,
                               "top1_agreement": metrics.top1_agreement,
@@ -142,7 +155,7 @@ def by_budget(judge: Judge, path: list[State]) -> State:
 def by_size(judge: Judge, path: list[State], target: int, max_steps: int = 16) -> State:
     """The first state reaching ``target`` bytes, backed off (worst layer first, at
     most ``max_steps`` times) until within budget; failing that, ``by_budget``."""
-    state = next((s for s in path if judge.size(s) <= target), path[-1])
+    state = _first_reaching(judge, path, target)
     for _ in range(max_steps):
         if not judge.fails(state):
             return state
@@ -150,3 +163,20 @@ def by_size(judge: Judge, path: list[State], target: int, max_steps: int = 16) -
         if state is None:
             break
     return by_budget(judge, path)
+
+
+def _first_reaching(judge: Judge, path: list[State], target: int) -> State:
+    """The first state of ``path`` whose file has at most ``target`` bytes (files shrink
+    along the path: binary search), else the last one."""
+    if judge.file_size(path[0]) <= target:
+        return path[0]
+    if judge.file_size(path[-1]) > target:
+        return path[-1]
+    low, high = 0, len(path) - 1  # path[low] above the target, path[high] within it
+    while high - low > 1:
+        mid = (low + high) // 2
+        if judge.file_size(path[mid]) <= target:
+            high = mid
+        else:
+            low = mid
+    return path[high]

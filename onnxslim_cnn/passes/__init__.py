@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (registration side effects)
     fold_affine,
     fold_bn,
     fold_constants,
+    half_constants,
     prune,
     qdq,
     remove_dead,

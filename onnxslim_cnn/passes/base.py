@@ -51,6 +51,8 @@ class PassContext:
             (data-aware passes use it to measure sensitivity).
         progress: reports progress of long steps (no-op when quiet).
         calib_labels: class labels of the calibration samples, when the data has them.
+        later: names of the passes that run after this one (a size target then counts
+            what compact-names will save).
     """
 
     calib: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -59,6 +61,7 @@ class PassContext:
     evaluate: Callable[..., dict[str, np.ndarray]] | None = None
     progress: Callable[[str], None] = lambda message: None
     calib_labels: np.ndarray | None = None
+    later: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ Declines when: the graph has subgraphs (If/Loop bodies may capture outer names).
 
 from __future__ import annotations
 
+import onnx
 import onnx_graphsurgeon as gs
 
+from .. import model_io
 from .base import Pass, PassContext, PassResult, register
 
 DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -39,7 +41,7 @@ class CompactNames(Pass):
     # which this pass drops: after it, fold-constants would fold a packed weight back to
     # dense and qdq-int8 / cluster-weights would not see codebooks or sparse weights.
     after = ("fold-constants", "prune-weights", "cluster-weights", "qdq-int8",
-             "auto-compress")
+             "auto-compress", "half-constants")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if any(isinstance(v, gs.Graph) for n in graph.nodes for v in _attr_values(n)):
@@ -60,6 +62,35 @@ class CompactNames(Pass):
             saved += len(node.name or "")
             node.name = ""
         return PassResult(changed=saved > 0, stats={"name_bytes_saved": saved})
+
+
+def compacted_bytes(model: onnx.ModelProto) -> int:
+    """File bytes of ``model`` after this pass (the same renaming on a copy of the
+    proto; a graph with subgraphs is measured as it is, as the pass leaves it)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in graph.node for a in n.attribute):
+        return model_io.model_bytes(model)
+    keep = {t.name for t in graph.input} | {t.name for t in graph.output}
+    new: dict[str, str] = {}
+    index = 0
+    for node in graph.node:
+        for name in (*node.input, *node.output):
+            if name and name not in keep and name not in new:
+                while short_name(index) in keep:
+                    index += 1
+                new[name] = short_name(index)
+                index += 1
+    for node in graph.node:
+        node.ClearField("name")
+        node.input[:] = [new.get(n, n) for n in node.input]
+        node.output[:] = [new.get(n, n) for n in node.output]
+    for tensor in graph.initializer:
+        tensor.name = new.get(tensor.name, tensor.name)
+    del graph.value_info[:]
+    return model_io.model_bytes(copy)
 
 
 def _attr_values(node: gs.Node):

@@ -1,0 +1,151 @@
+"""half-constants: float32 constants stored as float16 + Cast folded at load.
+
+Tolerances: float16 rounding moves each constant by at most 2^-11 of itself, so the
+outputs of these small CNNs move by ~1e-3 relative at most (stated per assertion).
+"""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_cnn import model_io
+from onnxslim_cnn.passes.base import PassContext
+from onnxslim_cnn.passes.half_constants import HalfConstants
+
+from .helpers import (
+    apply_pass,
+    feeds,
+    make_float16,
+    make_model,
+    op_counts,
+    optimized_ops,
+    rand,
+    run,
+    run_pipeline,
+    shared_model,
+)
+
+# x -> Conv(w1, b1) -> Relu -> Conv(w2, b2) -> Mul(s) -> GlobalAveragePool -> Flatten
+#   -> Gemm(w3, b3) -> y; s: a [1, C, 1, 1] per-channel constant like a decode scale
+TEXT = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[2, 8, 12, 12] x) => (float[2, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv (r1, w2, b2)
+    m = Mul (c2, s)
+    p = GlobalAveragePool (m)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, w3, b3)
+}
+"""
+
+
+def weights(**over):
+    w = {"w1": rand((32, 8, 3, 3), 1, 0.3), "b1": rand((32,), 2, 0.1),
+         "w2": rand((64, 32, 3, 3), 3, 0.1), "b2": rand((64,), 4, 0.1),
+         "s": np.abs(rand((1, 64, 1, 1), 5, 0.5)) + 0.1,
+         "w3": rand((10, 64), 6, 0.3), "b3": rand((10,), 7, 0.1)}
+    return w | over
+
+
+def halved(model, compact=True):
+    """The pass as a pipeline with compact-names after it runs it (or without)."""
+    return apply_pass(HalfConstants, model,
+                      ctx=PassContext(later=("compact-names",) if compact else ()))
+
+
+def test_half_constants_outputs_within_float16_rounding():
+    m = make_model(TEXT, weights())
+    out, result = halved(m)
+    # w1, w2, s, b2 and w3 (b1 and b3 have fewer than 64 values)
+    assert result.stats["constants_halved"] == 5
+    assert result.stats["bytes_saved"] == 2 * (8 * 32 * 9 + 64 * 32 * 9 + 64 + 64 + 640)
+    assert op_counts(out)["Cast"] == 5
+    kept = {t.name: t.data_type for t in out.graph.initializer}
+    assert kept["b1"] == kept["b3"] == onnx.TensorProto.FLOAT  # below MIN_VALUES
+    assert sum(t == onnx.TensorProto.FLOAT16 for t in kept.values()) == 5
+    assert model_io.model_bytes(out) < model_io.model_bytes(m) * 0.55
+    feed = feeds(m, 3)
+    ref, got = run(m, feed)["y"], run(out, feed)["y"]
+    # float16 constants: relative output error ~1e-4, asserted below 2e-3
+    assert np.linalg.norm(got - ref) < 2e-3 * np.linalg.norm(ref)
+    assert not np.array_equal(got, ref)  # the rounding is real
+
+
+def test_half_constants_cast_is_folded_by_onnxruntime(tmp_path):
+    out, _ = halved(make_model(TEXT, weights()))
+    # onnxruntime's constant folding removes every Cast of a constant at load
+    assert "Cast" not in optimized_ops(out, tmp_path)
+
+
+@pytest.mark.parametrize("name, values", [
+    ("w2", lambda w: np.where(np.arange(w.size).reshape(w.shape) == 5, 7e4, w)),  # > 65504
+    ("s", lambda s: s * 1e-5),  # all in float16's subnormal range: ~1 % rounding
+])
+def test_half_constants_declines_values_float16_cannot_hold(name, values):
+    w = weights()
+    out, result = halved(make_model(TEXT, w | {name: values(w[name]).astype(np.float32)}))
+    assert result.declined["values outside float16's range or precision"] == 1
+    kept = {t.name: t.data_type for t in out.graph.initializer}
+    assert kept[name] == onnx.TensorProto.FLOAT and result.stats["constants_halved"] == 4
+
+
+def test_half_constants_tiny_values_beside_large_ones_are_halved():
+    w = weights()
+    b2 = w["b2"].copy()
+    b2[:4] = [1e-9, -1e-9, 0.0, 5e-8]  # below 1/1024 of the largest bias: negligible
+    _, result = halved(make_model(TEXT, w | {"b2": b2}))
+    assert not result.declined and result.stats["constants_halved"] == 5
+
+
+def test_half_constants_leaves_qdq_scales_and_float16_models_alone():
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[2, 64] x) => (float[2, 64] y) {
+        w = DequantizeLinear <axis = 1> (wq, sc)
+        y = MatMul (x, w)
+    }
+    """
+    wq = (rand((64, 64), 1, 40.0)).clip(-127, 127).astype(np.int8)
+    m = make_model(text, {"wq": wq, "sc": np.full((64,), 0.02, np.float32)})
+    _, result = halved(m)
+    assert not result.changed
+    assert result.declined["read by QuantizeLinear/DequantizeLinear"] == 1
+    w = {k: v.astype(np.float16) for k, v in weights().items()}
+    _, result = halved(make_float16(TEXT, w))
+    assert not result.changed and not result.declined
+
+
+def test_half_constants_through_the_manager_after_cluster_weights():
+    m = make_model(TEXT, weights())
+    plain, _ = run_pipeline(m, ["cluster-weights", "compact-names"], options={"bits": 4})
+    out, report = run_pipeline(m, ["cluster-weights", "half-constants", "compact-names"],
+                               options={"bits": 4})
+    half = report.passes[1]
+    # codebooks, scales, corrected biases: what clustering left in float32 shrinks; the
+    # names it adds are counted as compact-names leaves them, so the file is smaller
+    assert half.status == "applied" and half.stats["constants_halved"] >= 2
+    assert model_io.model_bytes(out) < model_io.model_bytes(plain) - half.stats["bytes_saved"] / 2
+    assert report.final["cosine"] > 0.99
+
+
+def test_half_constants_without_compact_names_never_grows_the_file():
+    m = make_model(TEXT, weights())
+    _, report = run_pipeline(m, ["cluster-weights", "half-constants"], options={"bits": 4})
+    half = report.passes[1]
+    # the clustering's decode constants carry long names: halving a 64-value scale or
+    # bias there adds more name bytes than it saves, so those stay float32
+    assert half.declined["the Cast and its names cost more than float16 saves"] >= 1
+    assert half.size_after <= half.size_before
+
+
+def test_half_constants_shared_efficientnet(tmp_path):
+    path = shared_model("efficientnet_lite0")
+    m = onnx.load(path)
+    out, report = run_pipeline(m, ["fold-bn", "half-constants"])
+    half = report.passes[1]
+    # every float32 weight and bias: the file halves, outputs stay within 1e-3 cosine
+    assert half.status == "applied"
+    assert half.size_after < 0.51 * half.size_before
+    assert report.final["cosine"] > 0.999
