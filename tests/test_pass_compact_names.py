@@ -14,11 +14,16 @@ g (float[N, 3, 8, 8] input_image) => (float[N, 4, 8, 8] scores) {
 """
 
 
-def test_compact_names_shrinks_file_and_keeps_interface():
+def long_named():
     model = make_model(TEXT, {"conv_weight_long_name": rand((4, 3, 3, 3), 1),
                               "conv_bias_long_name": rand((4,), 2)})
     for node in model.graph.node:
         node.name = "node_with_a_long_name_" + node.op_type
+    return model
+
+
+def test_compact_names_shrinks_file_and_keeps_interface():
+    model = long_named()
     out, result = apply_pass(CompactNames, model)
     assert result.stats["name_bytes_saved"] > 80
     assert out.ByteSize() < model.ByteSize() - 80
@@ -48,10 +53,7 @@ def test_compact_names_compacted_bytes_predicts_the_pass():
     from onnxslim_cnn.passes.dedup_initializers import DedupInitializers
     from onnxslim_cnn.passes.qdq import QdqInt8
 
-    model = make_model(TEXT, {"conv_weight_long_name": rand((4, 3, 3, 3), 1),
-                              "conv_bias_long_name": rand((4,), 2)})
-    for node in model.graph.node:
-        node.name = "node_with_a_long_name_" + node.op_type
+    model = long_named()
     # as exported by a pass (raw tensor data), and with decode subgraphs (int8 weights:
     # Cast, Mul and their constants)
     plain, _ = apply_pass(DedupInitializers, model)

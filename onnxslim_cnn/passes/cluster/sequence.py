@@ -31,9 +31,15 @@ import onnx
 from ... import validate
 from . import refine
 
-MAX_SAMPLES = 32  # calibration samples (images) per wave
+# Calibration samples (images) per wave, and patches per input the target fit needs.
+# Statistics of 32 images, and a fit trusted from 4 patches per input (P^2 moments from
+# 4P patches), fitted the calibration images, not the layer: --avg-bits 4, cosine on
+# unseen images (ResNet-8 1000, the others 300), 32 images / 4 -> 100 / 4 -> 100 / 16:
+# ResNet-8 0.968 / 0.970 / 0.971 (3 bits: 0.954 / 0.962 / 0.964), SqueezeNet 0.952 /
+# 0.961 / 0.958, EfficientNet-Lite0 0.954 / 0.959 / 0.969.
+MAX_SAMPLES = 128
 DAMP = 0.01
-MIN_PER_INPUT = 4
+MIN_PER_INPUT = 16
 
 
 @dataclass
