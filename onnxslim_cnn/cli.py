@@ -216,7 +216,8 @@ def _pass_options(g) -> None:
 
 def _auto_options(g) -> None:
     g.add_argument("--auto-candidates", help="auto-compress: comma-separated per-layer "
-                   "candidates among int8 and c1..c8 (cluster bits); default from the preset")
+                   "candidates among f16, int8, c1..c8 (cluster bits) and p<S>c<b> (pruned "
+                   "S %% then clustered); default from the preset")
     g.add_argument("--auto-budget-share", type=float, help="auto-compress: fraction of the "
                    "budget the search spends on calibration data (balanced 0.5, max 1)")
 
