@@ -52,8 +52,9 @@ def build_pipeline(config: Config) -> list[Pass]:
 
     Raises:
         UsageError: unknown pass or preset name, a pass listed twice, a pass placed
-            before one it must follow, a target size without auto-compress, or an
-            invalid pass option (``Pass.check_options``).
+            before one it must follow, a target size without auto-compress, an
+            invalid pass option (``Pass.check_options``), or an option that no pass
+            of the pipeline reads (it would be silently ignored).
     """
     preset = config.preset or (DEFAULT_PRESET if config.passes is None else None)
     if preset is not None and preset not in PRESETS:
@@ -75,7 +76,21 @@ def build_pipeline(config: Config) -> list[Pass]:
     pipeline = [cls(options) for cls in classes]
     for p in pipeline:
         p.check_options()
+    unread = sorted(set(config.options) - set().union(*(p.reads() for p in pipeline)))
+    if unread:
+        raise UsageError(f"no pass of the pipeline ({', '.join(names)}) reads "
+                         f"{', '.join(_flag(k) for k in unread)}")
     return pipeline
+
+
+# command-line flags whose option name differs from the flag
+_FLAGS = {"data_aware": "--no-refine", "min_sqnr_db": "--min-layer-sqnr",
+          "recovery": "--prune-recovery", "sequential": "--prune-sequential"}
+
+
+def _flag(option: str) -> str:
+    """``avg_bits`` -> ``--avg-bits`` (the flag that sets it on the command line)."""
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -183,6 +183,11 @@ USAGE_ERRORS = {
     "budget_share_out_of_range": (["--preset", "max", "--auto-budget-share", "0"],
                                   "--auto-budget-share must be in (0, 1]"),
     "unknown_candidate": (["--preset", "max", "--auto-candidates", "int8,c9"], "c9"),
+    # an option no pass of the pipeline reads would be silently ignored
+    "option_no_pass_reads": (["--preset", "safe", "--avg-bits", "4"], "reads --avg-bits"),
+    # auto-compress chooses bits per layer itself: a global --bits is not forwarded
+    "bits_with_auto": (["--preset", "max", "--bits", "3"], "reads --bits"),
+    "flag_named_apart": (["--passes", "fold-bn", "--no-refine"], "reads --no-refine"),
 }
 
 
@@ -453,3 +458,16 @@ def test_cli_stated_top1_drop_alone_replaces_cosine_floor(flags, expect):
     args = cli._parser({"lossless": ()}, "lossless").parse_args(["in.onnx", "out.onnx", *flags])
     budget = cli._budget(args)
     assert (budget.max_top1_drop, budget.min_cosine, budget.top1_replaces_cosine) == expect
+
+
+def test_cli_options_forwarded_by_auto_compress_are_read():
+    from onnxslim_cnn.config import Config
+    from onnxslim_cnn.errors import UsageError
+    from onnxslim_cnn.manager import build_pipeline
+
+    # auto-compress hands --granularity to its codebook candidates; with int8 alone
+    # no pass reads it
+    build_pipeline(Config(preset="max", options={"granularity": "tensor"}))
+    with pytest.raises(UsageError, match="reads --granularity"):
+        build_pipeline(Config(preset="max", options={"granularity": "tensor",
+                                                     "auto_candidates": ("int8",)}))

@@ -97,6 +97,9 @@ class AutoCompress(Pass):
         for tag in o.auto_candidates:
             variants.candidate(tag)  # UsageError for an unknown one
 
+    def reads(self) -> set[str]:
+        return super().reads() | variants.forwarded(self.options.auto_candidates)
+
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         if not ctx.calib:
             raise PreconditionError("auto-compress needs calibration (or random) samples")

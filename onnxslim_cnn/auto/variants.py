@@ -22,6 +22,7 @@ layers only), so a patch's bytes are what the file will hold: on EfficientNet-Li
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +141,17 @@ def _constant_sources(tensor: gs.Tensor) -> set[str] | None:
     return found
 
 
+# The per-layer choice is the allocation's job: the passes' own global budgets are not
+# forwarded.
+BUDGETS = ("bits", "avg_bits", "min_sqnr_db", "weights_only", "sparsity", "threshold")
+
+
+def forwarded(tags: tuple[str, ...]) -> set[str]:
+    """Names of the run's flat options the candidates ``tags`` pass on to their passes."""
+    names = {name for tag in tags for name, _ in candidate(tag).steps}
+    return {f.name for name in names for f in dataclasses.fields(get_pass(name).Options)} \
+        - set(BUDGETS)
+
+
 def _merged(options: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    # The per-layer choice is the allocation's job: drop the passes' own global budgets.
-    budgets = ("bits", "avg_bits", "min_sqnr_db", "weights_only", "sparsity", "threshold")
-    return {k: v for k, v in options.items() if k not in budgets} | own
+    return {k: v for k, v in options.items() if k not in BUDGETS} | own

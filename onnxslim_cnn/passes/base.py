@@ -97,6 +97,11 @@ class Pass:
         """Raise UsageError when the options are invalid (``build_pipeline`` calls it
         before any model is read: a bad value is the user's error, not the model's)."""
 
+    def reads(self) -> set[str]:
+        """Names of the flat options this pass reads (``build_pipeline`` refuses an
+        option that no pass of the pipeline reads: it would be silently ignored)."""
+        return {f.name for f in dataclasses.fields(self.Options)}
+
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         """Raise PreconditionError when the pass cannot apply to this model at all."""
 
