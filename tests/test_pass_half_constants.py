@@ -7,6 +7,7 @@ outputs of these small CNNs move by ~1e-3 relative at most (stated per assertion
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxslim_cnn import model_io
 from onnxslim_cnn.passes.base import PassContext
@@ -24,29 +25,17 @@ from .helpers import (
     run_pipeline,
     shared_model,
 )
-
-# x -> Conv(w1, b1) -> Relu -> Conv(w2, b2) -> Mul(s) -> GlobalAveragePool -> Flatten
-#   -> Gemm(w3, b3) -> y; s: a [1, C, 1, 1] per-channel constant like a decode scale
-TEXT = """
-<ir_version: 8, opset_import: ["" : 14]>
-g (float[2, 8, 12, 12] x) => (float[2, 10] y) {
-    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-    r1 = Relu (c1)
-    c2 = Conv (r1, w2, b2)
-    m = Mul (c2, s)
-    p = GlobalAveragePool (m)
-    f = Flatten (p)
-    y = Gemm <transB = 1> (f, w3, b3)
-}
-"""
+from .test_auto import TEXT
+from .test_auto import model as small_cnn
 
 
 def weights(**over):
-    w = {"w1": rand((32, 8, 3, 3), 1, 0.3), "b1": rand((32,), 2, 0.1),
-         "w2": rand((64, 32, 3, 3), 3, 0.1), "b2": rand((64,), 4, 0.1),
-         "s": np.abs(rand((1, 64, 1, 1), 5, 0.5)) + 0.1,
-         "w3": rand((10, 64), 6, 0.3), "b3": rand((10,), 7, 0.1)}
-    return w | over
+    """test_auto's small CNN: w1[32,8,3,3], b1[32], w2[64,32,3,3], b2[64], w3[64,10]."""
+    return {t.name: numpy_helper.to_array(t) for t in small_cnn().graph.initializer} | over
+
+
+def cnn(**over):
+    return make_model(TEXT, weights(**over))
 
 
 def halved(model, compact=True):
@@ -56,15 +45,15 @@ def halved(model, compact=True):
 
 
 def test_half_constants_outputs_within_float16_rounding():
-    m = make_model(TEXT, weights())
+    m = cnn()
     out, result = halved(m)
-    # w1, w2, s, b2 and w3 (b1 and b3 have fewer than 64 values)
-    assert result.stats["constants_halved"] == 5
-    assert result.stats["bytes_saved"] == 2 * (8 * 32 * 9 + 64 * 32 * 9 + 64 + 64 + 640)
-    assert op_counts(out)["Cast"] == 5
+    # w1, w2, b2 and w3 (b1 has fewer than 64 values)
+    assert result.stats["constants_halved"] == 4
+    assert result.stats["bytes_saved"] == 2 * (8 * 32 * 9 + 64 * 32 * 9 + 64 + 640)
+    assert op_counts(out)["Cast"] == 4
     kept = {t.name: t.data_type for t in out.graph.initializer}
-    assert kept["b1"] == kept["b3"] == onnx.TensorProto.FLOAT  # below MIN_VALUES
-    assert sum(t == onnx.TensorProto.FLOAT16 for t in kept.values()) == 5
+    assert kept["b1"] == onnx.TensorProto.FLOAT  # below MIN_VALUES
+    assert sum(t == onnx.TensorProto.FLOAT16 for t in kept.values()) == 4
     assert model_io.model_bytes(out) < model_io.model_bytes(m) * 0.55
     feed = feeds(m, 3)
     ref, got = run(m, feed)["y"], run(out, feed)["y"]
@@ -74,29 +63,29 @@ def test_half_constants_outputs_within_float16_rounding():
 
 
 def test_half_constants_cast_is_folded_by_onnxruntime(tmp_path):
-    out, _ = halved(make_model(TEXT, weights()))
+    out, _ = halved(cnn())
     # onnxruntime's constant folding removes every Cast of a constant at load
     assert "Cast" not in optimized_ops(out, tmp_path)
 
 
 @pytest.mark.parametrize("name, values", [
     ("w2", lambda w: np.where(np.arange(w.size).reshape(w.shape) == 5, 7e4, w)),  # > 65504
-    ("s", lambda s: s * 1e-5),  # all in float16's subnormal range: ~1 % rounding
+    ("b2", lambda b: b * 1e-5),  # all in float16's subnormal range: ~1 % rounding
 ])
 def test_half_constants_declines_values_float16_cannot_hold(name, values):
     w = weights()
-    out, result = halved(make_model(TEXT, w | {name: values(w[name]).astype(np.float32)}))
+    out, result = halved(cnn(**{name: values(w[name]).astype(np.float32)}))
     assert result.declined["values outside float16's range or precision"] == 1
     kept = {t.name: t.data_type for t in out.graph.initializer}
-    assert kept[name] == onnx.TensorProto.FLOAT and result.stats["constants_halved"] == 4
+    assert kept[name] == onnx.TensorProto.FLOAT and result.stats["constants_halved"] == 3
 
 
 def test_half_constants_tiny_values_beside_large_ones_are_halved():
     w = weights()
     b2 = w["b2"].copy()
     b2[:4] = [1e-9, -1e-9, 0.0, 5e-8]  # below 1/1024 of the largest bias: negligible
-    _, result = halved(make_model(TEXT, w | {"b2": b2}))
-    assert not result.declined and result.stats["constants_halved"] == 5
+    _, result = halved(cnn(b2=b2))
+    assert not result.declined and result.stats["constants_halved"] == 4
 
 
 def test_half_constants_leaves_qdq_scales_and_float16_models_alone():
@@ -118,24 +107,24 @@ def test_half_constants_leaves_qdq_scales_and_float16_models_alone():
 
 
 def test_half_constants_through_the_manager_after_cluster_weights():
-    m = make_model(TEXT, weights())
+    m = cnn()
     plain, _ = run_pipeline(m, ["cluster-weights", "compact-names"], options={"bits": 4})
     out, report = run_pipeline(m, ["cluster-weights", "half-constants", "compact-names"],
                                options={"bits": 4})
     half = report.passes[1]
-    # codebooks, scales, corrected biases: what clustering left in float32 shrinks; the
-    # names it adds are counted as compact-names leaves them, so the file is smaller
-    assert half.status == "applied" and half.stats["constants_halved"] >= 2
+    # what clustering left in float32 (here the corrected 64-value bias b2; the 16-entry
+    # codebooks are below MIN_VALUES) shrinks; the names it adds are counted as
+    # compact-names leaves them, so the file is smaller
+    assert half.status == "applied" and half.stats["constants_halved"] >= 1
     assert model_io.model_bytes(out) < model_io.model_bytes(plain) - half.stats["bytes_saved"] / 2
     assert report.final["cosine"] > 0.99
 
 
 def test_half_constants_without_compact_names_never_grows_the_file():
-    m = make_model(TEXT, weights())
-    _, report = run_pipeline(m, ["cluster-weights", "half-constants"], options={"bits": 4})
+    _, report = run_pipeline(cnn(), ["cluster-weights", "half-constants"], options={"bits": 4})
     half = report.passes[1]
-    # the clustering's decode constants carry long names: halving a 64-value scale or
-    # bias there adds more name bytes than it saves, so those stay float32
+    # the clustering's decode constants carry long names: halving a 64-value bias
+    # there adds more name bytes than it saves, so it stays float32
     assert half.declined["the Cast and its names cost more than float16 saves"] >= 1
     assert half.size_after <= half.size_before
 
