@@ -339,3 +339,21 @@ def test_auto_changed_constants_are_those_of_the_changed_layers_only():
     conv2.inputs[1] = decoded
     # conv2's new weight source and its (unchanged) bias; conv1 and fc are untouched
     assert variants._changed_constants(m, graph) == {"w2_half", "b2"}
+
+
+def test_auto_size_search_backs_off_along_its_path():
+    """With a target size, validation failures step 1, 2, 4, ... states back along the
+    allocation path (the least bytes per error undone first), not layer by layer."""
+    from onnxslim_cnn.auto import AutoCompress, allocate
+    from onnxslim_cnn.manager import import_graph
+
+    m = model()
+    graph = import_graph(m)
+    p = AutoCompress({"auto_candidates": ("int8", "c4", "c2"), "target_size": 12_000})
+    p.run(graph, PassContext(calib=calib(m, 6), budget=Budget(min_cosine=0.9)))
+    path = allocate.greedy_path(p._last[0])
+    at = path.index(p._last[3])
+    assert at > 3
+    for steps, back in enumerate((1, 3), start=1):
+        assert p.back_off(graph) is not None
+        assert p._last[3] == path[at - back], steps

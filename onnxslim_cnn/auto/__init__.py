@@ -23,7 +23,8 @@ After:   W1 int8 (Cast, Mul) -> Conv1 ... W9 3-bit codebook -> Conv9 ... (per la
 Declines when (per layer, kept float): no candidate's pass accepted the layer, or
 every candidate would take the combined model outside the budget.
 The manager still validates the result against the original on the validation samples;
-when that fails it calls ``back_off``, which moves the worst layer one setting safer.
+when that fails it calls ``back_off``, which moves the worst layer one setting safer
+(a size search whose choice lies on the allocation path steps back along the path).
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class AutoCompress(Pass):
         self.explored: list[dict] = []
         self._last = None  # (fronts, measured options, judge, chosen state) of run()
         self._steps = 0  # back-offs since run()
-        self._path: list | None = None  # greedy path of a top-1-only search, and the
-        self._at = 0  # index of its choice on it (path back-off, _path_step)
+        self._path: list | None = None  # greedy path of a top-1-only or size search,
+        self._at = 0  # and the index of its choice on it (path back-off)
+        self._sized = False  # a size search: back-off s goes 2^(s-1) states back
         self._floor = None  # (judge with the cosine floor, index of its choice on the path)
 
     def check_options(self) -> None:
@@ -132,7 +134,8 @@ class AutoCompress(Pass):
         self._last = (fronts, every, judge, state)
         self._steps = 0
         top1 = _top1_only(judge) and target is None and state in path
-        self._path, self._at = (path, path.index(state)) if top1 else (None, 0)
+        self._sized = target is not None and state in path
+        self._path, self._at = (path, path.index(state)) if top1 or self._sized else (None, 0)
         self._floor = None
         self._describe(result, fronts, every, state, judge)
         if result.changed:
@@ -142,13 +145,19 @@ class AutoCompress(Pass):
     def back_off(self, graph: gs.Graph) -> PassResult | None:
         """After the manager's validation failed: make ``graph`` the last result with
         its worst layer (largest measured error) one setting safer (a search judged by
-        top-1 alone first steps back along its path, ``_path_step``); None when every
-        layer is float already or ``run`` has not run."""
+        top-1 alone first steps back along its path, ``_path_step``; a size search
+        whose choice lies on the path goes 1, 2, 4, ... states back along it); None
+        when every layer is float already or ``run`` has not run."""
         if self._last is None:
             return None
         fronts, every, judge, state = self._last
         self._steps += 1
-        if self._path is not None:
+        if self._sized:
+            # a size target: undo the path's last steps, the least bytes per error
+            # first (a layer step may give back the most bytes for its error)
+            self._at -= 1 << (self._steps - 1)
+            safer = self._path[self._at] if self._at > 0 else None
+        elif self._path is not None:
             judge, safer = self._path_step(judge, fronts, state)
         else:
             safer = allocate.back_off(fronts, state)
