@@ -74,23 +74,25 @@ class Judge:
         """Predicted bytes: the float model's minus what the patches save."""
         return size_of(self.fronts, state, self.base_size)
 
-    def file_size(self, state: State) -> int:
-        """Bytes of ``state``'s model as the run will write it."""
+    def file_size(self, state: State, model: onnx.ModelProto | None = None) -> int:
+        """Bytes of ``state``'s model (``model``, when already spliced) as the run will
+        write it."""
         key = tuple(sorted(state.items()))
         if key not in self.files:
-            self.files[key] = self.file_bytes(self.model(state))
+            self.files[key] = self.file_bytes(model or self.model(state))
         return self.files[key]
 
     def fails(self, state: State) -> str | None:
         """None when ``state``'s combined model meets the budget, else the reason."""
         key = tuple(sorted(state.items()))
         if key not in self.verdicts:
-            out = validate.run_model(self.model(state), self.batches)
+            model = self.model(state)
+            out = validate.run_model(model, self.batches)
             metrics = validate.compare(self.ref, out, self.labels)
             reason = validate.check_budget(metrics, self._resolvable(metrics.samples)) \
                 or self._unsure(out)
             self.verdicts[key] = reason
-            self._note(state, metrics, reason)
+            self._note(state, metrics, reason, self.file_size(state, model))
         return self.verdicts[key]
 
     def _resolvable(self, samples: int) -> Budget:
@@ -112,8 +114,8 @@ class Judge:
                 return f"cosine lower bound {low:.5f} < {floor}"
         return None
 
-    def _note(self, state: State, metrics: validate.Metrics, reason: str | None) -> None:
-        size = self.file_size(state)
+    def _note(self, state: State, metrics: validate.Metrics, reason: str | None,
+              size: int) -> None:
         self.explored.append({"kind": "measured", "bytes": size, "cosine": metrics.cosine,
                               "sqnr_db": metrics.sqnr_db, "top1_drop": metrics.top1_drop,
                               "top1_agreement": metrics.top1_agreement,

@@ -47,21 +47,31 @@ class CompactNames(Pass):
         if any(isinstance(v, gs.Graph) for n in graph.nodes for v in _attr_values(n)):
             return PassResult(changed=False, declined={"model has subgraphs": 1})
         keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-        saved, index = 0, 0
-        for tensor in _in_node_order(graph):
-            if tensor.name in keep or not tensor.name:
-                continue
-            new = short_name(index)
-            while new in keep:
-                index += 1
-                new = short_name(index)
-            index += 1
-            saved += len(tensor.name) - len(new)
-            tensor.name = new
+        tensors = _in_node_order(graph)
+        new = short_names((t.name for t in tensors), keep)
+        saved = 0
+        for tensor in tensors:
+            if tensor.name in new:
+                saved += len(tensor.name) - len(new[tensor.name])
+                tensor.name = new[tensor.name]
         for node in graph.nodes:
             saved += len(node.name or "")
             node.name = ""
         return PassResult(changed=saved > 0, stats={"name_bytes_saved": saved})
+
+
+def short_names(names, keep: set[str]) -> dict[str, str]:
+    """{name: short name} for ``names`` in order of first appearance, skipping empty
+    names and those in ``keep`` (which no short name takes either)."""
+    new: dict[str, str] = {}
+    index = 0
+    for name in names:
+        if name and name not in keep and name not in new:
+            while short_name(index) in keep:
+                index += 1
+            new[name] = short_name(index)
+            index += 1
+    return new
 
 
 def compacted_bytes(model: onnx.ModelProto) -> int:
@@ -74,15 +84,8 @@ def compacted_bytes(model: onnx.ModelProto) -> int:
            for n in graph.node for a in n.attribute):
         return model_io.model_bytes(model)
     keep = {t.name for t in graph.input} | {t.name for t in graph.output}
-    new: dict[str, str] = {}
-    index = 0
-    for node in graph.node:
-        for name in (*node.input, *node.output):
-            if name and name not in keep and name not in new:
-                while short_name(index) in keep:
-                    index += 1
-                new[name] = short_name(index)
-                index += 1
+    new = short_names((name for node in graph.node for name in (*node.input, *node.output)),
+                      keep)
     for node in graph.node:
         node.ClearField("name")
         node.input[:] = [new.get(n, n) for n in node.input]
