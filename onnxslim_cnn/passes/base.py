@@ -20,6 +20,12 @@ import onnx_graphsurgeon as gs
 
 from ..config import Budget
 from ..errors import UsageError
+from ..graph_edit import (  # noqa: F401  (the passes import them from here)
+    replace_output,
+    replace_uses,
+    taken_names,
+    unique_name,
+)
 
 
 @dataclass
@@ -129,35 +135,6 @@ def get_pass(name: str) -> type[Pass]:
     if name not in REGISTRY:
         raise UsageError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name]
-
-
-def unique_name(taken: set[str], base: str) -> str:
-    """``base`` or ``base_N`` with the smallest N not in ``taken``; records the result."""
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    taken.add(name)
-    return name
-
-
-def taken_names(graph: gs.Graph) -> set[str]:
-    """Every tensor and node name in use in ``graph``."""
-    return set(graph.tensors().keys()) | {node.name for node in graph.nodes}
-
-
-def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every node that reads ``old`` read ``new`` instead."""
-    for consumer in list(old.outputs):
-        for index, tensor in enumerate(consumer.inputs):
-            if tensor is old:
-                consumer.inputs[index] = new
-
-
-def replace_output(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make ``node`` produce ``new`` where it produced ``old``."""
-    for index, tensor in enumerate(node.outputs):
-        if tensor is old:
-            node.outputs[index] = new
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:

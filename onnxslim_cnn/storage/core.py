@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import PreconditionError, UsageError
-from ..passes.base import replace_uses, taken_names, unique_name
+from ..graph_edit import replace_uses, taken_names, unique_name
 
 DECODE_TAG = "onnxslim_decode"
 

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from ..passes.base import taken_names, unique_name
+from ..graph_edit import taken_names, unique_name
 from .bits import _unpack
 from .core import DECODE_TAG, SPARSE_TAG, Encoded, ValuesEncoder, _Builder, _require_opset
 

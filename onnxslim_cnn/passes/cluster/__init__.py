@@ -62,7 +62,7 @@ import onnx_graphsurgeon as gs
 
 from ... import storage
 from ...errors import UsageError
-from ...recover.layers import tune_nodes
+from ...recover import layers as tuning  # a module: recover.layers imports passes.base
 from ..base import Pass, PassContext, PassResult, register, replace_uses, taken_names, unique_name
 from . import kmeans, refine, select, sensitivity, sequence, sites, tune
 
@@ -310,7 +310,7 @@ class ClusterWeights(Pass):
         encode them (as clustered when the distillation declines)."""
         ties = {dense.name: tune.codebook_tie(site, c, dense.name)
                 for site, c, dense in pending}
-        values = tune_nodes(reference, graph, [site.node for site, _, _ in pending], False,
+        values = tuning.tune_nodes(reference, graph, [site.node for site, _, _ in pending], False,
                             ctx, self.options.distill_steps, result, taken, ties)
         for site, clustered, dense in pending:
             if values is not None:

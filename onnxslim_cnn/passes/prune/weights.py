@@ -55,7 +55,7 @@ from onnx import numpy_helper
 
 from ... import storage
 from ...errors import UsageError
-from ...recover.layers import tune_nodes
+from ...recover import layers as tuning  # a module: recover.layers imports passes.base
 from ..base import Pass, PassContext, PassResult, register, taken_names, unique_name
 from ..qdq.bias_correct import subset
 from . import allocate, gram, reach, recover, sequence
@@ -126,7 +126,7 @@ class PruneWeights(Pass):
                 _set_dense(layer, new, taken)
         result.layers = [records[layer.name] for layer in layers]
         if self.options.distill_steps and self.options.recovery and ctx.calib:
-            tune_nodes(reference, graph, [layer.node for layer in layers], True, ctx,
+            tuning.tune_nodes(reference, graph, [layer.node for layer in layers], True, ctx,
                        self.options.distill_steps, result, taken)
         for layer, record in zip(layers, result.layers, strict=True):
             _encode(graph, layer.node, taken, record, result)

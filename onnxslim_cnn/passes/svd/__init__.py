@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from ... import validate
 from ...errors import UsageError
-from ...recover.layers import tune_nodes
+from ...recover import layers as tuning  # a module: recover.layers imports passes.base
 from ..base import Pass, PassContext, PassResult, register, taken_names
 from . import rewrite, stats
 from .factor import Channel, Factors, Spatial, build, smallest_rank
@@ -133,7 +133,7 @@ class SvdSplit(Pass):
         result.changed = any(c.factors is not None for c in choices)
         if self.options.distill_steps and original is not None and result.changed:
             new = [n for n in graph.nodes if id(n) not in before and n.op in SPLIT_OPS]
-            tune_nodes(original, graph, new, False, ctx, self.options.distill_steps,
+            tuning.tune_nodes(original, graph, new, False, ctx, self.options.distill_steps,
                        result, taken)
         result.stats.update(_totals(choices), data_aware=int(bool(moments)))
         if moments:
