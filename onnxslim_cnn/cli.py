@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,62 @@ from .errors import OnnxSlimError, UsageError
 PROG = "onnxslim-cnn"
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+
+
+class ProgressLines:
+    """Progress messages on a stream, each stamped with the seconds since the start.
+
+    A counted series ("cluster-weights: activations of batch 5/67") takes one line: on a
+    terminal it is redrawn in place with a bar; in a log (not a terminal) only its first
+    and last step and the first step of each quarter between are written (67 lines -> 5).
+    """
+
+    WIDTH = 24
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.started = time.perf_counter()
+        self.series: str | None = None  # head of the counted series being shown
+        self.quarter = -1  # last quarter of that series written (not a terminal)
+        self.open = False  # a redrawn line is on the terminal without its newline
+
+    def __call__(self, message: str) -> None:
+        stamp = f"{time.perf_counter() - self.started:7.1f}s "
+        counted = _COUNTER.match(message)
+        if counted is None or int(counted["n"]) < 2:
+            self._line(stamp + message)
+            return
+        head, k, n = counted["head"], int(counted["k"]), int(counted["n"])
+        if head != self.series:
+            self.close()
+            self.series, self.quarter = head, -1
+        if self.tty:
+            filled = self.WIDTH * min(k, n) // n
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.stream.write(f"\r{stamp}{head}[{bar}] {k}/{n}{counted['tail']}\x1b[K")
+            self.open = True
+        elif k in (1, n) or 4 * k // n > self.quarter:
+            self.stream.write(f"{stamp}{message}\n")
+        self.quarter = 4 * k // n
+        if k >= n:
+            self.close()
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End a redrawn line (before other output, e.g. an error)."""
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.open, self.series = False, None
+
+    def _line(self, text: str) -> None:
+        self.close()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+_COUNTER = re.compile(r"^(?P<head>.*?)(?P<k>\d+)/(?P<n>\d+)(?P<tail>.*)$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -326,14 +383,13 @@ def _run(argv: list[str]) -> int:
                      DEFAULT_PRESET)
     _check_report_path(args.report, args.input, args.output)
 
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"{time.perf_counter() - started:7.1f}s {message}", file=sys.stderr,
-                  flush=True)
-
-    report = compress(args.input, args.output, config, progress=progress, debug=args.debug)
+    progress = ProgressLines(sys.stderr) if not args.quiet else None
+    try:
+        report = compress(args.input, args.output, config, progress=progress,
+                          debug=args.debug)
+    finally:
+        if progress is not None:
+            progress.close()
     if args.report:
         report.write_json(args.report)
         report.write_plot(args.report.with_suffix(".png"))

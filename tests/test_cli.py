@@ -7,6 +7,7 @@ input byte-identical and leave nothing (no output, no temp file) in the output f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -471,3 +472,59 @@ def test_cli_options_forwarded_by_auto_compress_are_read():
     with pytest.raises(UsageError, match="reads --granularity"):
         build_pipeline(Config(preset="max", options={"granularity": "tensor",
                                                      "auto_candidates": ("int8",)}))
+
+
+# --- progress lines ------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _series(progress, head: str, n: int) -> None:
+    for k in range(1, n + 1):
+        progress(f"{head} {k}/{n} layer_{k}")
+
+
+def test_cli_progress_in_a_log_writes_a_series_as_five_lines():
+    out = io.StringIO()
+    progress = cli.ProgressLines(out)
+    progress("[fold-bn] applied in 0.1s")
+    _series(progress, "cluster-weights: activations of batch", 67)
+    progress("[cluster-weights] applied in 9.0s")
+    lines = out.getvalue().splitlines()
+    steps = [line.split("batch ")[1].split()[0] for line in lines if "batch" in line]
+    assert steps == ["1/67", "17/67", "34/67", "51/67", "67/67"]
+    assert lines[0].endswith("[fold-bn] applied in 0.1s")
+    assert lines[-1].endswith("[cluster-weights] applied in 9.0s") and len(lines) == 7
+
+
+def test_cli_progress_on_a_terminal_redraws_one_line_with_a_bar():
+    out = _Terminal()
+    progress = cli.ProgressLines(out)
+    _series(progress, "sensitivity", 4)
+    _series(progress, "sensitivity", 2)  # the same series again: a new line
+    progress("[auto-compress] sensitivity 3/8")  # cut short by other output
+    progress("[auto-compress] applied in 1.0s")
+    text = out.getvalue()
+    lines = text.split("\n")
+    assert len(lines) == 5 and lines[-1] == ""  # series, series, cut series, message
+    last = lines[0].split("\r")[-1]
+    assert "sensitivity [########################] 4/4 layer_4" in last
+    assert lines[0].count("\r") == 4 and "[############............] 2/4" in lines[0]
+    assert "[#########...............] 3/8" in lines[2]
+    assert lines[3].endswith("[auto-compress] applied in 1.0s")
+
+
+def test_cli_progress_line_ends_before_an_error(capsys, tmp_path, model_file, monkeypatch):
+    from onnxslim_cnn.errors import ValidationError
+
+    def refuse(*args, progress=None, **kwargs):
+        progress("calibration sweep 1: batch 1/3")
+        raise ValidationError("result fails validation: refused by the test")
+    monkeypatch.setattr("onnxslim_cnn.manager.compress", refuse)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert cli.main([str(model_file), str(tmp_path / "slim.onnx")]) == 1
+    lines = sys.stderr.getvalue().split("\n")
+    assert "[########................] 1/3" in lines[0]
+    assert lines[1].startswith(PROG + "error: result fails validation")
