@@ -41,6 +41,7 @@ SAMPLES = 8192  # patches per layer over the whole calibration set
 PATCH_VALUES = 1 << 22  # values gathered per layer and batch (memory and time bound)
 MAX_PATCH = 2304  # larger P: G > 40 MB and refinement too slow, so it is skipped
 CAP_DB = 200.0
+CHUNK_VALUES = 1 << 21  # one-hot values per GEMM chunk of _segment_grams (16 MB)
 MAX_K = 64  # 7-8 bit codebooks are already close, and k^3 solves per channel add up
 
 
@@ -192,11 +193,7 @@ class Quadratic:
         if self.s is None:  # A_o = diag(cluster sizes)
             counts = np.bincount(flat, minlength=channels * k).reshape(channels, k)
             return counts[:, :, None] * np.eye(k)[None], b.reshape(channels, k)
-        a = np.zeros((channels, k, k))
-        per_group = channels // self.groups
-        for o in range(channels):
-            a[o] = _segment_gram(self.s[o // per_group], idx[o], k)
-        return a, b.reshape(channels, k)
+        return _segment_grams(self.s, idx, k), b.reshape(channels, k)
 
     def direct_sqnr_db(self, wq: np.ndarray) -> float:
         """Output SQNR of decoded weights ``wq`` [O, P]: one GEMM, no A_o needed."""
@@ -219,15 +216,23 @@ def _db(signal: float, noise: float) -> float:
     return float(min(CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise)))
 
 
-def _segment_gram(s: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
-    """M^T S M [k, k] for one channel: S's rows and columns summed per cluster."""
-    order = np.argsort(idx, kind="stable")
-    counts = np.bincount(idx, minlength=k)
-    used = counts > 0
-    starts = (np.cumsum(counts) - counts)[used]
-    cols = np.add.reduceat(s[:, order], starts, axis=1)
-    out = np.zeros((k, k))
-    out[np.ix_(used, used)] = np.add.reduceat(cols[order], starts, axis=0)
+def _segment_grams(s: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """A [O, k, k]: A_o = M_o^T S_g(o) M_o, S's rows and columns summed per cluster of
+    channel o (M_o [P, k] the one-hot of ``idx[o]``), as two batched GEMMs over chunks
+    of channels (S M_o, then M_o^T (S M_o)): 3-10x faster than summing S's columns
+    per channel (P^2 reads each), which took half of a cluster-weights run."""
+    channels, size = idx.shape
+    per_group = channels // s.shape[0]
+    out = np.empty((channels, k, k))
+    chunk = max(1, min(channels, CHUNK_VALUES // (size * k)))
+    if s.shape[0] > 1:  # each channel of the chunk gathers its group's S
+        chunk = max(1, min(chunk, CHUNK_VALUES // (size * size)))
+    for lo in range(0, channels, chunk):
+        sub = idx[lo:lo + chunk]
+        onehot = np.zeros(sub.shape + (k,))
+        np.put_along_axis(onehot, sub[:, :, None], 1.0, axis=2)
+        gram = s[0] if s.shape[0] == 1 else s[np.arange(lo, lo + len(sub)) // per_group]
+        out[lo:lo + len(sub)] = np.matmul(onehot.transpose(0, 2, 1), np.matmul(gram, onehot))
     return out
 
 
