@@ -26,42 +26,49 @@ DAMP = 0.01
 def gptq_assign(w: np.ndarray, s: np.ndarray, cent: np.ndarray, zero: int | None = None
                 ) -> np.ndarray:
     """Indices [O, P] of ``w`` [O, P] into codebooks ``cent`` [R, k] (R = 1 or O),
-    with error feedback under ``s`` [P, P] (one group: ``s`` is shared by every row).
+    with error feedback under ``s`` [g, P, P] (or [P, P]: g = 1), the S of each of g
+    groups of O / g rows (conv groups; a depthwise conv has one row per group). The
+    groups are independent and go through the columns together.
 
     Args:
         zero: index of the exact-zero centroid; weights equal to 0 are pinned to it.
     """
-    w = w.astype(np.float64).copy()
+    s = s[None] if s.ndim == 2 else s
+    groups, size = s.shape[0], w.shape[1]
+    w = w.astype(np.float64).reshape(groups, -1, size)  # copies
+    book = cent if cent.shape[0] == 1 else cent.reshape(groups, -1, cent.shape[1])
     pinned = (w == 0) if zero is not None else None
-    upper = _inverse_cholesky(s)
+    upper = _inverse_cholesky(s)  # [g, P, P]
     idx = np.empty(w.shape, np.int64)
-    size = w.shape[1]
     for lo in range(0, size, BLOCK):
         hi = min(size, lo + BLOCK)
-        err = np.empty((w.shape[0], hi - lo))
+        err = np.empty(w.shape[:2] + (hi - lo,))
         for p in range(lo, hi):
-            idx[:, p] = _nearest(w[:, p], cent)
+            idx[:, :, p] = _nearest(w[:, :, p], book)
             if pinned is not None:
-                idx[pinned[:, p], p] = zero
-            q = np.take_along_axis(cent, idx[:, p:p + 1], 1)[:, 0] if cent.shape[0] > 1 \
-                else cent[0][idx[:, p]]
-            err[:, p - lo] = (w[:, p] - q) / upper[p, p]
-            w[:, p + 1:hi] -= np.outer(err[:, p - lo], upper[p, p + 1:hi])
-        w[:, hi:] -= err @ upper[lo:hi, hi:]
-    return idx
+                idx[:, :, p][pinned[:, :, p]] = zero
+            q = book[0][idx[:, :, p]] if book.ndim == 2 else \
+                np.take_along_axis(book, idx[:, :, p, None], 2)[:, :, 0]
+            err[:, :, p - lo] = (w[:, :, p] - q) / upper[:, p, p, None]
+            w[:, :, p + 1:hi] -= err[:, :, p - lo, None] * upper[:, None, p, p + 1:hi]
+        w[:, :, hi:] -= np.matmul(err, upper[:, lo:hi, hi:])
+    return idx.reshape(-1, size)
 
 
 def _inverse_cholesky(s: np.ndarray) -> np.ndarray:
-    h = s + DAMP * max(float(np.mean(np.diag(s))), 1e-12) * np.eye(s.shape[0])
+    """Upper Cholesky factors [g, P, P] of the damped inverses of ``s`` [g, P, P]."""
+    mean = np.maximum(np.einsum("gii->g", s) / s.shape[1], 1e-12)
+    h = s + DAMP * mean[:, None, None] * np.eye(s.shape[1])
     inv = np.linalg.inv(h)
-    return np.linalg.cholesky((inv + inv.T) / 2).T
+    return np.linalg.cholesky((inv + inv.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
 
 
-def _nearest(col: np.ndarray, cent: np.ndarray) -> np.ndarray:
-    """Index of the nearest entry of each row's codebook (or the shared one) for ``col``."""
-    if cent.shape[0] == 1:
-        order = np.argsort(cent[0])
-        ranked = cent[0][order]
+def _nearest(col: np.ndarray, book: np.ndarray) -> np.ndarray:
+    """Index of the nearest codebook entry for each value of ``col`` [g, r]: one shared
+    codebook ``book`` [1, k], or one per row [g, r, k]."""
+    if book.ndim == 2:
+        order = np.argsort(book[0])
+        ranked = book[0][order]
         pos = np.searchsorted((ranked[1:] + ranked[:-1]) / 2, col, side="right")
         return order[pos]
-    return np.argmin(np.abs(cent - col[:, None]), axis=1)
+    return np.argmin(np.abs(book - col[:, :, None]), axis=2)

@@ -240,12 +240,7 @@ def _refine(result: Clustered, quad: refine.Quadratic, zero) -> None:
     """Error-feedback indices (assign.py) and least-squares centroids, kept if better."""
     cent, scale = result.rows(), result.scale
     k = cent.shape[1]
-    idx = np.empty_like(result.idx)
-    per_group = idx.shape[0] // quad.groups
-    for g in range(quad.groups):
-        rows = slice(g * per_group, (g + 1) * per_group)
-        idx[rows] = assign.gptq_assign(quad.w[rows], quad.s[g],
-                                       cent[rows] if cent.shape[0] > 1 else cent, zero)
+    idx = assign.gptq_assign(quad.w, quad.s, cent, zero)
     a, b = quad.normal_equations(idx, k)
     if scale is not None:  # w'_o = scale_o M_o c: the shared c sees scaled equations
         a, b = a * (scale ** 2)[:, None, None], b * scale[:, None]
