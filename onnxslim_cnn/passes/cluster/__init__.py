@@ -155,8 +155,9 @@ class ClusterWeights(Pass):
         later = {}
         if self.options.sequential_fit and self.options.data_aware and grams:
             later = {s.key: p for s, p in zip(found, picks, strict=True) if s.key in grams}
-        for site, pick in zip(found, picks, strict=True):
+        for i, (site, pick) in enumerate(zip(found, picks, strict=True)):
             if site.key not in later:
+                ctx.progress(f"cluster-weights: fitting layer {i + 1}/{len(found)} {site.key}")
                 reuse = pick.clustering is not None and not (
                     self.options.data_aware and site.key in grams)
                 clustered = pick.clustering if reuse else self._cluster(
@@ -170,8 +171,10 @@ class ClusterWeights(Pass):
     def _sequential(self, graph, found, picks, reference, ctx, taken, result, pending
                     ) -> None:
         """Cluster wave by wave on the partly clustered model's inputs (sequence.py)."""
-        for n, wave in enumerate(sequence.waves(graph, found)):
-            ctx.progress(f"cluster-weights: sequential wave {n + 1} ({len(wave)} layers)")
+        order = sequence.waves(graph, found)
+        for n, wave in enumerate(order):
+            ctx.progress(f"cluster-weights: sequential wave {n + 1}/{len(order)} "
+                         f"({len(wave)} layers)")
             working = gs.export_onnx(graph, do_type_check=False)
             shifted = sequence.collect(reference, working, wave, ctx.calib, ctx.seed)
             for site in wave:
