@@ -357,3 +357,23 @@ def test_auto_size_search_backs_off_along_its_path():
     for steps, back in enumerate((1, 3), start=1):
         assert p.back_off(graph) is not None
         assert p._last[3] == path[at - back], steps
+
+
+def test_auto_cluster_candidates_share_their_input_moments(monkeypatch):
+    from onnxslim_cnn.passes.cluster import refine
+
+    m = model()
+    gathered = []
+    original = refine.collect_grams
+    monkeypatch.setattr(refine, "collect_grams",
+                        lambda *a, **k: gathered.append(1) or original(*a, **k))
+    ctx = PassContext(calib=calib(m), memo={})
+    shared = {tag: variants.make_variant(m, variants.candidate(tag), {}, ctx)
+              for tag in ("c4", "c3")}
+    assert len(gathered) == 1
+    alone = variants.make_variant(m, variants.candidate("c3"), {}, PassContext(calib=calib(m)))
+    assert len(gathered) == 2  # no memo: gathered again, and the same result
+    assert shared["c3"].SerializeToString() == alone.SerializeToString()
+    other = variants.make_variant(m, variants.candidate("c3"), {},
+                                  PassContext(calib=calib(m, 2), memo=ctx.memo))
+    assert len(gathered) == 3 and other is not None  # other samples: not reused

@@ -110,7 +110,9 @@ class AutoCompress(Pass):
         base = gs.export_onnx(graph, do_type_check=False)
         del base.graph.value_info[:]
         fit, held, labels = sensitivity.hold_out(ctx.calib, ctx.calib_labels)
-        by_layer = self._patches(base, dataclasses.replace(ctx, calib=fit, calib_labels=None))
+        # one memo: the cluster candidates share their input statistics
+        by_layer = self._patches(base, dataclasses.replace(ctx, calib=fit, calib_labels=None,
+                                                           memo={}))
         result = PassResult(changed=False)
         if not by_layer:
             result.declined["no candidate pass accepted any layer"] += 1

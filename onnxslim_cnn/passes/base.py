@@ -59,6 +59,9 @@ class PassContext:
         calib_labels: class labels of the calibration samples, when the data has them.
         later: names of the passes that run after this one (a size target then counts
             what compact-names will save).
+        memo: when given, statistics a pass may reuse between runs that share this
+            context (auto-compress runs cluster-weights once per candidate width on the
+            same model and samples, and each run gathered the same input moments).
     """
 
     calib: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -68,6 +71,7 @@ class PassContext:
     progress: Callable[[str], None] = lambda message: None
     calib_labels: np.ndarray | None = None
     later: tuple[str, ...] = ()
+    memo: dict[Any, Any] | None = None
 
 
 @dataclass(frozen=True)

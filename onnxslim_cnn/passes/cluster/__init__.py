@@ -54,6 +54,7 @@ not make the file smaller (tiny tensors).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -200,7 +201,16 @@ class ClusterWeights(Pass):
             return {}
         layers = {s.key: (s.node.inputs[0].name, s.geom) for s in found
                   if s.w2.shape[1] <= refine.MAX_PATCH}
-        return refine.collect_grams(original, layers, ctx.calib, ctx.seed, ctx.progress)
+        key = None
+        if ctx.memo is not None:  # the same model, layers, samples and seed
+            model = hashlib.sha256(original.SerializeToString()).hexdigest()
+            key = (self.name, model, repr(sorted(layers.items())), id(ctx.calib), ctx.seed)
+            if key in ctx.memo:
+                return ctx.memo[key]
+        grams = refine.collect_grams(original, layers, ctx.calib, ctx.seed, ctx.progress)
+        if key is not None:
+            ctx.memo[key] = grams
+        return grams
 
     # -- choice ----------------------------------------------------------------------
 
