@@ -69,8 +69,9 @@ def test_half_constants_cast_is_folded_by_onnxruntime(tmp_path):
 
 
 @pytest.mark.parametrize("name, values", [
-    ("w2", lambda w: np.where(np.arange(w.size).reshape(w.shape) == 5, 7e4, w)),  # > 65504
-    ("b2", lambda b: b * 1e-5),  # all in float16's subnormal range: ~1 % rounding
+    # one value > 65504 beside weights of ~0.1: no power of two keeps both
+    ("w2", lambda w: np.where(np.arange(w.size).reshape(w.shape) == 5, 7e4, w)),
+    ("w2", lambda w: np.where(np.arange(w.size).reshape(w.shape) == 5, np.inf, w)),
 ])
 def test_half_constants_declines_values_float16_cannot_hold(name, values):
     w = weights()
@@ -78,6 +79,31 @@ def test_half_constants_declines_values_float16_cannot_hold(name, values):
     assert result.declined["values outside float16's range or precision"] == 1
     kept = {t.name: t.data_type for t in out.graph.initializer}
     assert kept[name] == onnx.TensorProto.FLOAT and result.stats["constants_halved"] == 3
+
+
+@pytest.mark.parametrize("name, factor", [
+    ("b2", 1e-5),  # every value in float16's subnormal range (~1 % rounding as it is)
+    ("w3", 0.04),  # |w| < 1/16 with values near 0: subnormal spacing > 2^-11 of 1/1024
+    ("w2", 1e6),  # every value beyond 65504
+])
+def test_half_constants_small_or_large_tensors_go_through_a_power_of_two(name, factor,
+                                                                        tmp_path):
+    w = weights()
+    values = w[name] * factor
+    if name == "w3":
+        values.flat[:3] = [1e-9, -3e-8, 2e-7]
+    m = cnn(**{name: values.astype(np.float32)})
+    with np.errstate(over="ignore"):
+        plain = np.asarray(values, np.float32).astype(np.float16).astype(np.float32)
+    assert not np.all(np.abs(plain - values) <= 2.0 ** -11 * np.maximum(
+        np.abs(values), np.abs(values).max() / 1024))  # a plain cast would not do
+    out, result = halved(m)
+    assert not result.declined and result.stats["constants_halved"] == 4
+    assert op_counts(out)["Mul"] == 1 and op_counts(out)["Cast"] == 4
+    feed = feeds(m, 3)
+    ref, got = run(m, feed)["y"], run(out, feed)["y"]
+    assert np.linalg.norm(got - ref) < 2e-3 * np.linalg.norm(ref)  # float16 rounding
+    assert not {"Cast", "Mul"} & set(optimized_ops(out, tmp_path))  # folded at load
 
 
 def test_half_constants_tiny_values_beside_large_ones_are_halved():

@@ -12,9 +12,15 @@ The only change is float16 rounding: a relative error of at most 2^-11 per value
 (weights at ~66 dB SQNR, far below any int8 or codebook error). On EfficientNet-Lite0
 after ``cluster-weights --avg-bits 4`` the float32 leftovers are 6 % of the file.
 
-Declines (counted, tensor kept float32) when: a value would overflow float16 or lose
-more than 2^-11 of itself (float16's subnormal range) without being below 1/1024 of the
-tensor's largest (a bias near 0 beside others); a QuantizeLinear/DequantizeLinear
+A tensor whose values are all small or all large for float16 (its subnormal range, or
+beyond 65504) is stored times a power of two 2^k that brings its largest to [1, 2),
+and decoded by Cast then Mul(2^-k), also folded at load:
+
+After:   w fp16 [O, C] (w * 2^k) -> Cast(FLOAT) -> Mul(2^-k) -> Gemm
+
+Declines (counted, tensor kept float32) when, even so, a value would lose more than
+2^-11 of itself without being below 1/1024 of the tensor's largest (a bias near 0
+beside others: float16's subnormal range), or is not finite; a QuantizeLinear/DequantizeLinear
 reads it (onnxruntime fuses QDQ only around constant scales); the file would not
 shrink (the new names and Cast cost more than the halved values save; with
 compact-names later in the pipeline names count as the short ones it gives). Tensors
@@ -73,18 +79,22 @@ def halve(graph: gs.Graph, only: set[str] | None = None, compact: bool = False) 
         if any(n.op in QDQ_OPS for n in readers[name]):
             result.declined["read by QuantizeLinear/DequantizeLinear"] += 1
             continue
-        with np.errstate(over="ignore"):
-            half = values.astype(np.float16)
-        if not _fits(values, half):
+        half, shift = _to_half(values)
+        if half is None:
             result.declined["values outside float16's range or precision"] += 1
             continue
         b = _Builder(graph, name, taken)
         stored = b.const("half", half)
         out = b.op("Cast", [stored], np.float32, list(values.shape),
                    to=onnx.TensorProto.FLOAT)
+        added = 1
+        if shift:
+            out = b.op("Mul", [out, b.const("pow2", np.float32(2.0 ** -shift))], np.float32,
+                       list(values.shape))
+            added = 2
         renamed = len(readers[name]) * (len(out.name) - len(name))  # readers' inputs
-        if not _pays(values, half, name, b.file + renamed, compact):
-            graph.nodes.pop()  # the Cast just appended; its constant goes with it
+        if not _pays(values, half, name, b.file + renamed, compact, added):
+            del graph.nodes[-added:]  # the decode just appended; its constants go with it
             result.declined["the Cast and its names cost more than float16 saves"] += 1
             continue
         replace_uses(const, out)
@@ -96,19 +106,45 @@ def halve(graph: gs.Graph, only: set[str] | None = None, compact: bool = False) 
 
 
 def _pays(values: np.ndarray, half: np.ndarray, name: str, added: int,
-          compact: bool) -> bool:
-    """Whether the file shrinks: the float16 constant and its Cast (``added`` serialized
-    bytes) against the float32 constant; with ``compact`` the names are counted as the
-    short ones compact-names gives (a name per tensor use, ~3 bytes each)."""
+          compact: bool, nodes: int = 1) -> bool:
+    """Whether the file shrinks: the float16 constant and its ``nodes`` decode nodes
+    (``added`` serialized bytes) against the float32 constant; with ``compact`` the
+    names are counted as the short ones compact-names gives (a name per tensor use, ~3
+    bytes each)."""
     if compact:
-        return half.nbytes + COMPACT_CAST < values.nbytes
+        return half.nbytes + nodes * COMPACT_CAST < values.nbytes
     return added < numpy_helper.from_array(values, name).ByteSize()
 
 
-def _fits(values: np.ndarray, half: np.ndarray) -> bool:
+def _to_half(values: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """(float16 values, k): ``values`` * 2^k as float16 (None when that does not fit,
+    ``_fits``). k = 0 when the plain cast fits; else k brings the largest |value| to
+    [1, 2), exactly (a power of two), so that a tensor whose values are all small (a
+    classifier with |w| < 1/16: float16's subnormal spacing is then above 2^-11 of
+    the negligible values) or all large (beyond 65504) keeps float16's relative
+    precision; the decode multiplies by 2^-k."""
+    with np.errstate(over="ignore"):
+        half = values.astype(np.float16)
+    if _fits(values, half):
+        return half, 0
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    if not np.isfinite(top) or top == 0.0:
+        return None, 0
+    shift = -int(np.floor(np.log2(top)))
+    scaled = (values.astype(np.float64) * 2.0 ** shift).astype(np.float16)
+    back = (scaled.astype(np.float64) * 2.0 ** -shift).astype(np.float32)
+    # what is negligible is judged against the bulk (99th percentile of |value|), not
+    # the largest: one outlier (7e4 beside weights of 0.1) must not make the rest so
+    return (scaled, shift) if _fits(values, back, bulk=True) else (None, 0)
+
+
+def _fits(values: np.ndarray, half: np.ndarray, bulk: bool = False) -> bool:
     """Every value survives float16 within 2^-11 of itself, or of NEGLIGIBLE times the
-    tensor's largest (an overflow to inf, or a NaN, fails)."""
+    tensor's largest (``bulk``: its 99th percentile) (an overflow to inf, or a NaN,
+    fails)."""
     x = np.abs(values.astype(np.float64))
-    error = np.abs(half.astype(np.float64) - values.astype(np.float64))
-    floor = NEGLIGIBLE * (x.max() if x.size else 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, which fails below
+        error = np.abs(half.astype(np.float64) - values.astype(np.float64))
+    scale = (np.percentile(x, 99) if bulk else x.max()) if x.size else 0.0
+    floor = NEGLIGIBLE * scale
     return bool(np.all(error <= RELATIVE * np.maximum(x, floor)))
