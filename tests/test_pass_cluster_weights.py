@@ -182,6 +182,39 @@ def test_assign_error_feedback_identity_is_nearest_and_correlated_is_better():
     assert noise(assign.gptq_assign(w, s, cent)) < 0.7 * noise(nearest)
 
 
+
+def test_assign_groups_together_equal_each_group_alone():
+    # a grouped conv: 3 groups of 4 rows, each group with its own S; shared and
+    # per-row codebooks (exact: the same arithmetic per group, tolerance 0)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((12, 20))
+    xs = [rng.standard_normal((300, 20)) + rng.standard_normal((300, 1)) for _ in range(3)]
+    s = np.stack([x.T @ x / 300 for x in xs])
+    for cent in (kmeans.kmeans_rows(w.reshape(1, -1), 4), kmeans.kmeans_rows(w, 4)):
+        together = assign.gptq_assign(w, s, cent)
+        for g in range(3):
+            rows = slice(4 * g, 4 * g + 4)
+            alone = assign.gptq_assign(w[rows], s[g], cent if len(cent) == 1 else cent[rows])
+            np.testing.assert_array_equal(together[rows], alone)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_refine_normal_equations_are_the_segment_sums_of_s(groups, monkeypatch):
+    # A_o = M_o^T S_g(o) M_o by the definition, against the chunked GEMMs (chunks of a
+    # few channels forced; float64 sums in another order: rtol 1e-12)
+    monkeypatch.setattr(refine, "CHUNK_VALUES", 3 * 20 * 5)
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((12, 20))
+    x = rng.standard_normal((groups, 200, 20))
+    moments = refine.Moments(np.einsum("gni,gnj->gij", x, x) / 200, x.mean(1), 0)
+    quad = refine.Quadratic(w, moments, False)
+    idx = rng.integers(0, 5, w.shape)
+    a, _ = quad.normal_equations(idx, 5)
+    for o in range(12):
+        onehot = np.eye(5)[idx[o]]
+        expected = onehot.T @ quad.s[o // (12 // groups)] @ onehot
+        np.testing.assert_allclose(a[o], expected, rtol=1e-12, atol=1e-12)
+
 def test_refine_with_fewer_rows_than_inputs_does_not_fit_the_calibration_noise():
     # a dense head after a global pool sees one row per image: 32 rows of 256 inputs
     rng = np.random.default_rng(11)
