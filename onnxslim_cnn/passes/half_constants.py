@@ -30,11 +30,11 @@ of fewer than MIN_VALUES values, graph inputs and outputs are left alone.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..storage.core import _Builder
+from ..storage.integer import cast_mul
 from .base import Pass, PassContext, PassResult, register, replace_uses, taken_names
 
 MIN_VALUES = 64  # below this a Cast node eats most of what float16 saves
@@ -83,18 +83,14 @@ def halve(graph: gs.Graph, only: set[str] | None = None, compact: bool = False) 
         if half is None:
             result.declined["values outside float16's range or precision"] += 1
             continue
+        start = len(graph.nodes)
         b = _Builder(graph, name, taken)
         stored = b.const("half", half)
-        out = b.op("Cast", [stored], np.float32, list(values.shape),
-                   to=onnx.TensorProto.FLOAT)
-        added = 1
-        if shift:
-            out = b.op("Mul", [out, b.const("pow2", np.float32(2.0 ** -shift))], np.float32,
-                       list(values.shape))
-            added = 2
+        out = cast_mul(b, stored, np.float32(2.0 ** -shift), values.shape) if shift else \
+            b.cast(stored, np.float32, values.shape)
         renamed = len(readers[name]) * (len(out.name) - len(name))  # readers' inputs
-        if not _pays(values, half, name, b.file + renamed, compact, added):
-            del graph.nodes[-added:]  # the decode just appended; its constants go with it
+        if not _pays(values, half, name, b.file + renamed, compact, len(graph.nodes) - start):
+            del graph.nodes[start:]  # the decode just appended; its constants go with it
             result.declined["the Cast and its names cost more than float16 saves"] += 1
             continue
         replace_uses(const, out)

@@ -68,13 +68,15 @@ def encode_int_values(graph: gs.Graph, name: str, q: np.ndarray, scale: np.ndarr
     if decode == "dq":
         out = _dequantize(b, stored, store, scale, q.shape, axis)
     else:
-        out = _cast_mul(b, stored, scale, q.shape, axis)
+        out = cast_mul(b, stored, scale, q.shape, axis)
     return b.finish(b.cast(out, dtype, q.shape), q.size * scale.itemsize,
                     f"int{bits}-{decode}", opset)
 
 
-def _cast_mul(b: _Builder, stored, scale, shape, axis) -> gs.Variable:
-    """q -> Cast -> Mul(scale) in float32; a float16 weight's caller casts at the end:
+def cast_mul(b: _Builder, stored, scale, shape, axis: int | None = None) -> gs.Variable:
+    """q -> Cast -> Mul(scale) in float32 (``scale`` per ``axis``, or one value when
+    ``axis`` is None; half-constants' power-of-two decode too); a float16 weight's caller
+    casts at the end:
     onnxruntime has no float16 Mul on CPU, so it could not fold a float16 decode and
     would run it on every inference (measured: SqueezeNet fp16 1.5x slower)."""
     if axis is not None:

@@ -323,8 +323,9 @@ class ClusterWeights(Pass):
         encode them (as clustered when the distillation declines)."""
         ties = {dense.name: tune.codebook_tie(site, c, dense.name)
                 for site, c, dense in pending}
-        values = tuning.tune_nodes(reference, graph, [site.node for site, _, _ in pending], False,
-                            ctx, self.options.distill_steps, result, taken, ties)
+        values = tuning.tune_nodes(reference, graph, [site.node for site, _, _ in pending],
+                                   False, ctx, self.options.distill_steps, result, taken,
+                                   ties)
         for site, clustered, dense in pending:
             if values is not None:
                 clustered = tune.tuned(clustered, dense.name, values)

@@ -127,7 +127,7 @@ class PruneWeights(Pass):
         result.layers = [records[layer.name] for layer in layers]
         if self.options.distill_steps and self.options.recovery and ctx.calib:
             tuning.tune_nodes(reference, graph, [layer.node for layer in layers], True, ctx,
-                       self.options.distill_steps, result, taken)
+                              self.options.distill_steps, result, taken)
         for layer, record in zip(layers, result.layers, strict=True):
             _encode(graph, layer.node, taken, record, result)
         result.changed = True

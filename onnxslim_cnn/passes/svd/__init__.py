@@ -134,7 +134,7 @@ class SvdSplit(Pass):
         if self.options.distill_steps and original is not None and result.changed:
             new = [n for n in graph.nodes if id(n) not in before and n.op in SPLIT_OPS]
             tuning.tune_nodes(original, graph, new, False, ctx, self.options.distill_steps,
-                       result, taken)
+                              result, taken)
         result.stats.update(_totals(choices), data_aware=int(bool(moments)))
         if moments:
             result.stats["layer_error_budget"] = budget
