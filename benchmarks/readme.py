@@ -4,8 +4,11 @@
     python benchmarks/readme.py --check    # exit 1 when they differ from results.json
 
 A table is the lines between ``<!-- results:NAME -->`` and ``<!-- /results -->`` in
-README.md; NAME is one of ``TABLES``. Run it after ``benchmarks/run.py`` has rewritten
-``results.json``; a test checks that the committed README matches the committed results.
+README.md; NAME is one of ``TABLES``, each written from one results file: the main run's
+``results.json`` or a run under other conditions kept in its own folder (``CALIB2000``:
+ResNet-8 calibrated on 2000 images, which the main tables' 100-image split cannot hold
+beside them). Run it after ``benchmarks/run.py`` has rewritten a results file; a test
+checks that the committed README matches the committed results.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 RESULTS = HERE / "results.json"
+# python benchmarks/run.py --models resnet8_cifar10_mlperf_tiny --calib-count 2000
+#     --val-count 2900 --gate-count 100 --out benchmarks/calib2000 --tools ...
+CALIB2000 = HERE / "calib2000" / "results.json"
 
 MODELS = {"resnet8_cifar10_mlperf_tiny": "resnet8", "squeezenet1.1_caffe2_fp32": "squeezenet1.1",
           "efficientnet_lite0": "efficientnet_lite0"}
@@ -131,7 +137,9 @@ def _cluster(results: Results) -> list[str]:
 
 
 def _prune(results: Results) -> list[str]:
-    rows = {"ours-prune50": "`ours-prune50`",
+    rows = {"ours-prune30": "`ours-prune30` (`--sparsity 0.3`)",
+            "ours-prune50": "`ours-prune50`",
+            "ours-prune70": "`ours-prune70` (`--sparsity 0.7`)",
             "ours-prune50-net": "`ours-prune50-net` (`--allocation network`)",
             "ours-prune50-kd": "`ours-prune50-kd` (`--distill-steps 300`)",
             "ours-prune50-cluster4": "`ours-prune50-cluster4`",
@@ -145,36 +153,60 @@ def _prune(results: Results) -> list[str]:
     return lines
 
 
-TABLES: dict[str, Callable[[Results], list[str]]] = {
-    "int8": _int8, "auto": _auto, "cluster": _cluster, "prune": _prune}
+def _one_model(model: str) -> Callable[[Results], list[str]]:
+    """Every measured row of ``model``, one line each (a run of a single model)."""
+    def lines(results: Results) -> list[str]:
+        out = ["| tool | size × fp32 | Δtop-1 | top-1 agreement | cosine | tool time |",
+               "|---|---|---|---|---|---|"]
+        for tool, row in results.rows.get(model, {}).items():
+            if not _measured(row) or tool == "fp32":
+                continue
+            cosine = "—" if row.get("cosine") is None else f"{row['cosine']:.3f}"
+            seconds = "—" if row.get("tool_s") is None else f"{row['tool_s']:.0f} s"
+            out.append(f"| `{tool}` | {_size(row)} ({1 / row['size_ratio']:.2f}x) | "
+                       f"{_delta(row)} | {_agree(row)} | {cosine} | {seconds} |")
+        return out
+    return lines
+
+
+# table name -> (lines from the results, the results file they come from)
+TABLES: dict[str, tuple[Callable[[Results], list[str]], Path]] = {
+    "int8": (_int8, RESULTS), "auto": (_auto, RESULTS), "cluster": (_cluster, RESULTS),
+    "prune": (_prune, RESULTS),
+    "prune2000": (_one_model("resnet8_cifar10_mlperf_tiny"), CALIB2000)}
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
 
-def render(readme: str, results: dict) -> str:
-    """``readme`` with every marked table written from ``results``."""
-    rows = Results(results)
+def load() -> dict[Path, dict]:
+    """Every results file a table reads, by path."""
+    return {path: json.loads(path.read_text()) for path in {p for _, p in TABLES.values()}}
+
+
+def render(readme: str, results: dict[Path, dict]) -> str:
+    """``readme`` with every marked table written from its results file's content."""
+    rows = {path: Results(content) for path, content in results.items()}
 
     def table(match: re.Match) -> str:
         name = match.group(2)
         if name not in TABLES:
             raise SystemExit(f"README.md: unknown results table {name!r}; known: "
                              f"{', '.join(TABLES)}")
-        return match.group(1) + "\n".join(TABLES[name](rows)) + "\n" + match.group(4)
+        lines, path = TABLES[name]
+        return match.group(1) + "\n".join(lines(rows[path])) + "\n" + match.group(4)
 
     return BLOCK.sub(table, readme)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/readme.py", description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--readme", type=Path, default=README)
     p.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
     args = p.parse_args(argv)
     text = args.readme.read_text()
-    new = render(text, json.loads(args.results.read_text()))
+    new = render(text, load())
     if args.check:
         if new != text:
-            print(f"{args.readme}: result tables differ from {args.results}; run "
+            print(f"{args.readme}: result tables differ from the results files; run "
                   "python benchmarks/readme.py", file=sys.stderr)
             return 1
         return 0

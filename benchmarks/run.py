@@ -17,6 +17,7 @@ with the reason, never an error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -110,6 +111,7 @@ TOOLS: dict[str, Tool] = {
     "onnxslim": peer("onnxslim"),
     "nncf": peer("nncf"),
 }
+QUICK_DISTILL_STEPS = 50
 LIGHT_DEFAULT = ("light_squeezenet", "light_shufflenet", "light_resnet50",
                  "light_inception_v1", "light_densenet121")
 QUICK_MODELS = ("resnet8_cifar10_mlperf_tiny", "mnist8_cntk", "light_squeezenet")
@@ -139,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                    "names or .onnx paths (default: every shared model and a few light ones)")
     p.add_argument("--tools", help=f"comma-separated, from: {', '.join(TOOLS)} (default all; "
                    f"on light models {', '.join(LIGHT_TOOLS)})")
-    p.add_argument("--quick", action="store_true", help="few models, few images, few runs")
+    p.add_argument("--quick", action="store_true", help="few models, few images, few runs, "
+                   f"distillation cut to {QUICK_DISTILL_STEPS} steps")
     p.add_argument("--calib-count", type=int, help="calibration images (default 100; quick 20)")
     p.add_argument("--val-count", type=int, help="validation images (default 300; quick 50)")
     p.add_argument("--gate-count", type=int, help="images after the calibration ones that "
@@ -194,7 +197,8 @@ def bench_model(name: str, settings: Settings, registered: set[str], work: Path)
     rows = []
     for tool in tools_for(settings, source.kind):
         print(f"[bench] {name}: {tool}", file=sys.stderr, flush=True)
-        rows.append(bench_tool(tool, run_tool(tool, TOOLS[tool], job, registered), ref,
+        config = quick_tool(TOOLS[tool]) if settings.quick else TOOLS[tool]
+        rows.append(bench_tool(tool, run_tool(tool, config, job, registered), ref,
                                settings.timing))
     top1 = next((r["top1_fp32"] for r in rows if r.get("top1_fp32") is not None), None)
     return {"name": name, "kind": source.kind, "path": _shown(source.path), "opset": job.opset,
@@ -202,6 +206,16 @@ def bench_model(name: str, settings: Settings, registered: set[str], work: Path)
             "calib_count": data.calib_count, "val_count": data.val_count,
             "gate_count": settings.gate_count if source.data else 0, "top1_fp32": top1,
             "rows": rows}
+
+
+def quick_tool(tool: Tool) -> Tool:
+    """``tool`` as a quick run runs it: at most QUICK_DISTILL_STEPS distillation steps (a
+    quick run checks the harness; 2000 steps would take minutes even on ResNet-8)."""
+    args = list(tool.args)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--distill-steps":
+            args[i + 1] = str(min(int(args[i + 1]), QUICK_DISTILL_STEPS))
+    return dataclasses.replace(tool, args=tuple(args))
 
 
 def tools_for(settings: Settings, kind: str) -> tuple[str, ...]:

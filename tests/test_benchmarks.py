@@ -374,13 +374,29 @@ def test_readme_result_tables_are_written_from_the_committed_results():
 
     text = readme.README.read_text()
     assert all(f"<!-- results:{name} -->" in text for name in readme.TABLES)
-    results = json.loads(readme.RESULTS.read_text())
+    results = readme.load()
+    assert set(results) == {readme.RESULTS, readme.CALIB2000}
     assert readme.render(text, results) == text, "run python benchmarks/readme.py"
-    # the tables follow the results: another figure in results.json changes the README
-    for model in results["models"]:
-        for row in model["rows"]:
-            if row["tool"] == "ours-int8" and row.get("size_ratio"):
-                row["size_ratio"] = 0.123456
-    assert "| 0.123 |" in readme.render(text, results)
+    # the tables follow the results: another figure in a results file changes the README
+    for path, tool in ((readme.RESULTS, "ours-int8"), (readme.CALIB2000, "ours-prune50")):
+        for model in results[path]["models"]:
+            for row in model["rows"]:
+                if row["tool"] == tool and row.get("size_ratio"):
+                    row["size_ratio"] = 0.123456
+    changed = readme.render(text, results)
+    assert "| 0.123 |" in changed  # the int8 table
+    assert "| `ours-prune50` | 0.123 (8.10x) |" in changed  # the 2000-image prune table
     with pytest.raises(SystemExit, match="unknown results table"):
         readme.render("<!-- results:nope -->\n<!-- /results -->", results)
+
+
+def test_quick_runs_cut_distillation_and_leave_other_settings_alone():
+    from benchmarks.run import QUICK_DISTILL_STEPS, quick_tool
+
+    long = TOOLS["ours-prune50-kd-long"]
+    quick = quick_tool(long)
+    steps = quick.args[quick.args.index("--distill-steps") + 1]
+    assert int(steps) == QUICK_DISTILL_STEPS < 2000
+    assert [a for a in quick.args if a != steps] == [a for a in long.args if a != "2000"]
+    assert quick_tool(TOOLS["ours-prune50"]) == TOOLS["ours-prune50"]
+    assert quick_tool(ours("prune-weights", "--distill-steps", "10")).args[-1] == "10"
