@@ -400,3 +400,34 @@ def test_quick_runs_cut_distillation_and_leave_other_settings_alone():
     assert [a for a in quick.args if a != steps] == [a for a in long.args if a != "2000"]
     assert quick_tool(TOOLS["ours-prune50"]) == TOOLS["ours-prune50"]
     assert quick_tool(ours("prune-weights", "--distill-steps", "10")).args[-1] == "10"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; nobody may reap it in a container
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_a_killed_harness_leaves_no_tool_running(tmp_path):
+    import signal
+    import time
+
+    pid_file = tmp_path / "tool.pid"
+    tool = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    harness = ("import subprocess, sys; subprocess.run([sys.executable, '-m', "
+               f"'benchmarks.launch', '60', sys.executable, '-c', {tool!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", harness], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)
+    proc.send_signal(signal.SIGKILL)  # what a test's timeout does to the harness
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
