@@ -1,7 +1,7 @@
 """Write the README's result tables from ``benchmarks/results.json``: no figure by hand.
 
     python benchmarks/readme.py            # rewrite the marked tables of README.md
-    python benchmarks/readme.py --check    # exit 1 when they differ from results.json
+    python benchmarks/readme.py --check    # exit 1 when they differ from the results
 
 A table is the lines between ``<!-- results:NAME -->`` and ``<!-- /results -->`` in
 README.md; NAME is one of ``TABLES``, each written from one results file: the main run's
