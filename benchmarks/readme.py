@@ -1,4 +1,4 @@
-"""Write the README's result tables from ``benchmarks/results.json``: no figure by hand.
+"""Write the README's result tables from the benchmark results files: no figure by hand.
 
     python benchmarks/readme.py            # rewrite the marked tables of README.md
     python benchmarks/readme.py --check    # exit 1 when they differ from the results
