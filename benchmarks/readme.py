@@ -49,6 +49,14 @@ def _size(row: dict) -> str:
     return "—" if row.get("size_ratio") is None else f"{row['size_ratio']:.3f}"
 
 
+def _cosine(row: dict) -> str:
+    return "—" if row.get("cosine") is None else f"{row['cosine']:.3f}"
+
+
+def _seconds(row: dict) -> str:
+    return "—" if row.get("tool_s") is None else f"{row['tool_s']:.0f} s"
+
+
 def _latency(row: dict) -> str:
     ratio = row.get("latency", {}).get("1", {}).get("ratio")
     return "—" if ratio is None else f"{ratio:.2f}"
@@ -112,9 +120,8 @@ def _auto(results: Results) -> list[str]:
             if row is None:
                 continue
             size = f"{_size(row)} ({1 / row['size_ratio']:.2f}x)"
-            seconds = "—" if row.get("tool_s") is None else f"{row['tool_s']:.0f} s"
             lines.append(f"| {short} | {command} | {size} | {_delta(row)} | {_agree(row)} | "
-                         f"{seconds} |")
+                         f"{_seconds(row)} |")
     return lines
 
 
@@ -147,8 +154,7 @@ def _prune(results: Results) -> list[str]:
     lines = ["| row | " + " | ".join(MODELS.values()) + " |", "|---|---|---|---|"]
     for tool, name in rows.items():
         def cell(row: dict) -> str:
-            cosine = "—" if row.get("cosine") is None else f"{row['cosine']:.3f}"
-            return f"{_size(row)} / {_delta(row)} / {_agree(row)} / {cosine}"
+            return f"{_size(row)} / {_delta(row)} / {_agree(row)} / {_cosine(row)}"
         lines.append(f"| {name} | " + " | ".join(_cells(results, tool, cell)) + " |")
     return lines
 
@@ -161,10 +167,8 @@ def _one_model(model: str) -> Callable[[Results], list[str]]:
         for tool, row in results.rows.get(model, {}).items():
             if not _measured(row) or tool == "fp32":
                 continue
-            cosine = "—" if row.get("cosine") is None else f"{row['cosine']:.3f}"
-            seconds = "—" if row.get("tool_s") is None else f"{row['tool_s']:.0f} s"
             out.append(f"| `{tool}` | {_size(row)} ({1 / row['size_ratio']:.2f}x) | "
-                       f"{_delta(row)} | {_agree(row)} | {cosine} | {seconds} |")
+                       f"{_delta(row)} | {_agree(row)} | {_cosine(row)} | {_seconds(row)} |")
         return out
     return lines
 

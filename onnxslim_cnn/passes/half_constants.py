@@ -102,7 +102,7 @@ def halve(graph: gs.Graph, only: set[str] | None = None, compact: bool = False) 
 
 
 def _pays(values: np.ndarray, half: np.ndarray, name: str, added: int,
-          compact: bool, nodes: int = 1) -> bool:
+          compact: bool, nodes: int) -> bool:
     """Whether the file shrinks: the float16 constant and its ``nodes`` decode nodes
     (``added`` serialized bytes) against the float32 constant; with ``compact`` the
     names are counted as the short ones compact-names gives (a name per tensor use, ~3
