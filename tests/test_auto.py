@@ -359,6 +359,43 @@ def test_auto_size_search_backs_off_along_its_path():
         assert p._last[3] == path[at - back], steps
 
 
+def test_auto_labelled_search_under_a_weak_cosine_floor_backs_off_along_its_path():
+    """Top-1 verdicts on the held-out third (~3 points a flip) under a floor that holds
+    nothing (--min-cosine 0) take the cheapest mix; validation failures then step 1, 2,
+    4, ... states back along the path (12 layer steps had not reached SqueezeNet's
+    budget and nothing was compressed), where the unlabelled search steps layer by
+    layer."""
+    from onnxslim_cnn.auto import AutoCompress, allocate
+    from onnxslim_cnn.manager import import_graph
+
+    m = model()
+    batches = calib(m, 12)
+    labels = np.random.default_rng(0).integers(0, 10, 24)
+    weak = Budget(max_top1_drop=100.0, min_cosine=0.0)
+
+    def start(labelled):
+        graph = import_graph(m)
+        p = AutoCompress({"auto_candidates": ("int8", "c4", "c2")})
+        p.run(graph, PassContext(calib=batches, calib_labels=labels if labelled else None,
+                                 budget=weak))
+        return graph, p
+
+    graph, p = start(True)
+    assert len(p._last[2].batches) == 4  # the held-out third
+    path = allocate.greedy_path(p._last[0])
+    at = path.index(p._last[3])
+    assert at == len(path) - 1 and at > 3
+    for back in (1, 3):
+        assert p.back_off(graph) is not None
+        assert p._last[3] == path[at - back]
+    graph, p = start(False)  # layer by layer: the worst layer one setting safer
+    layer = allocate.back_off(p._last[0], path[-1])
+    for expect in (layer, allocate.back_off(p._last[0], layer)):
+        assert p.back_off(graph) is not None
+        assert p._last[3] == expect
+    assert p._last[3] != path[at - 3]
+
+
 def test_auto_cluster_candidates_share_their_input_moments(monkeypatch):
     from onnxslim_cnn.passes.cluster import refine
 
