@@ -46,7 +46,8 @@ def tune_nodes(reference: onnx.ModelProto, graph: gs.Graph, nodes: list[gs.Node]
         result.declined[f"distillation: {exc}"] += 1
         return None
     result.stats.update(distill_loss_before=round(done.loss_before, 6),
-                        distill_loss_after=round(done.loss_after, 6))
+                        distill_loss_after=round(done.loss_after, 6),
+                        distill_step_size=float(f"{done.rate:.3g}"))
     if not done.loss_after < done.loss_before:
         result.declined["distillation did not lower the held-out calibration loss"] += 1
         return None
