@@ -85,7 +85,7 @@ class AutoCompress(Pass):
         self.explored: list[dict] = []
         self._last = None  # (fronts, measured options, judge, chosen state) of run()
         self._steps = 0  # back-offs since run()
-        self._path: list | None = None  # greedy path of a top-1-only or size search,
+        self._path: list | None = None  # greedy path of a search that backs off along it,
         self._at = 0  # and the index of its choice on it (path back-off)
         self._doubling = False  # back-off s goes 2^(s-1) states back along the path
         self._floor = None  # (judge with the cosine floor, index of its choice on the path)

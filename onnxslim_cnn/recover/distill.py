@@ -109,7 +109,7 @@ class Distilled:
     values: dict[str, np.ndarray]
     loss_before: float
     loss_after: float
-    rate: float = LR
+    rate: float
 
 
 def logits_name(model: onnx.ModelProto) -> str:
@@ -245,7 +245,7 @@ def _descend(tape, teacher, weights, masks, batches, steps, scale, logits, rng,
             judge.check()
             progress(f"distillation: held-out loss {judge.last:.4g} at step {step} "
                      f"(start {judge.first:.4g}, best {judge.loss:.4g})")
-            if retry and judge.stale and judge.loss == judge.first:
+            if retry and judge.loss == judge.first:  # no checkpoint better yet
                 return False
             if judge.stale >= PATIENCE:
                 progress(f"distillation: stopped at step {step}: the held-out loss has not "
