@@ -85,6 +85,12 @@ TOOLS: dict[str, Tool] = {
     # svd-split picks ranks from the budget itself (an opened budget lets it factor
     # anything), so its row keeps the default budget.
     "ours-svd": ours(f"{CLEAN},svd-split,{NAMES}"),
+    # Issue 6's target: a quarter of the MACs removed, ranks chosen across layers
+    # (--svd-target-macs), then the factors tuned together towards the original.
+    "ours-svd-macs25": ours(f"{CLEAN},svd-split,{NAMES}", "--svd-target-macs", "0.25",
+                            *OPEN_BUDGET),
+    "ours-svd-macs25-kd": ours(f"{CLEAN},svd-split,{NAMES}", "--svd-target-macs", "0.25",
+                               "--distill-steps", "300", *OPEN_BUDGET),
     **{f"ours-cluster{bits}": ours(f"{CLEAN},cluster-weights,{NAMES}", "--bits", str(bits),
                                    *OPEN_BUDGET) for bits in (8, 6, 5, 4, 3)},
     # Mixed precision: bits per layer from measured sensitivity, 5 or 4 bits on average.

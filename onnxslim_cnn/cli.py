@@ -263,6 +263,9 @@ def _pass_options(g) -> None:
                    "this fraction of the squared singular values (data-free)")
     g.add_argument("--svd-error", type=float, help="svd-split: per-layer relative output "
                    "error budget on calibration data (default 0.1)")
+    g.add_argument("--svd-target-macs", type=float, help="svd-split: remove this share "
+                   "(0-1) of the splittable layers' MACs, ranks chosen across layers for "
+                   "the least output error")
     g.add_argument("--svd-mode", choices=("auto", "channel", "spatial"),
                    help="svd-split: decomposition (default auto: per layer)")
     g.add_argument("--svd-min-saving", type=float, help="svd-split: smallest fraction of a "
@@ -299,9 +302,9 @@ PASS_OPTIONS = ("calib_method", "percentile", "activation_type", "reduce_range",
                 "bias_correction", "fallback_sqnr_db", "weights_only", "sparsity",
                 "threshold", "distill_steps", "prune_ops", "prune_first_last", "allocation",
                 "score", "channel_ratio", "channel_score", "rank_ratio", "energy", "svd_error",
-                "svd_mode", "svd_min_saving", "bits", "avg_bits", "min_sqnr_db", "granularity",
-                "kmeans_init", "data_aware", "auto_budget_share", "weight_rounding",
-                "activation_levels")
+                "svd_target_macs", "svd_mode", "svd_min_saving", "bits", "avg_bits",
+                "min_sqnr_db", "granularity", "kmeans_init", "data_aware", "auto_budget_share",
+                "weight_rounding", "activation_levels")
 
 
 def _options(args) -> dict:

@@ -18,6 +18,7 @@ from onnxslim_cnn.passes.svd import SvdSplit, factor, rewrite
 from onnxslim_cnn.passes.svd.site import find_site
 
 from .helpers import (
+    SHARED_MODELS,
     apply_pass,
     assert_same_outputs,
     io_types,
@@ -282,14 +283,17 @@ def test_svd_split_backoff_halves_budget_until_calibration_agrees():
 
 
 @pytest.mark.parametrize("options", [{"rank_ratio": 1.5}, {"energy": 0.0},
-                                     {"rank_ratio": 0.5, "energy": 0.9}, {"svd_mode": "x"}])
+                                     {"rank_ratio": 0.5, "energy": 0.9}, {"svd_mode": "x"},
+                                     {"svd_target_macs": 1.0}, {"svd_target_macs": 0.0},
+                                     {"svd_target_macs": 0.3, "energy": 0.9}])
 def test_svd_split_bad_options_are_a_usage_error(options):
     with pytest.raises(UsageError):
         SvdSplit(options).check_options()
 
 
 @pytest.mark.parametrize("flags", [["--energy", "0.999999"], ["--rank-ratio", "0.125"],
-                                   ["--svd-error", "0.01", "--svd-mode", "spatial"]])
+                                   ["--svd-error", "0.01", "--svd-mode", "spatial"],
+                                   ["--svd-target-macs", "0.5", "--svd-mode", "channel"]])
 def test_svd_split_cli_options_reach_the_pass(tmp_path, flags):
     import json
 
@@ -302,7 +306,11 @@ def test_svd_split_cli_options_reach_the_pass(tmp_path, flags):
     (record,) = json.loads(report.read_text())["passes"]
     assert record["status"] == "applied" and record["stats"]["layers_split"] == 1
     assert record["metrics"]["cosine"] > 0.9999  # the weight's own rank: exact
-    assert record["layers"][0]["rank"] == (9 if "spatial" in flags else 3)
+    if "--svd-target-macs" in flags:  # any rank from the weight's own to the target's
+        assert record["stats"]["macs_saved_fraction"] >= 0.5
+        assert record["layers"][0]["rank"] >= 3
+    else:
+        assert record["layers"][0]["rank"] == (9 if "spatial" in flags else 3)
     assert op_counts(onnx.load(target)) == {"Conv": 2}
 
 
@@ -321,3 +329,83 @@ def test_svd_split_wide_1x1_conv_low_rank_splits_exactly(data_aware):
     out, result = apply_pass(SvdSplit, model, options, ctx)
     assert result.layers[0]["rank"] == 2 and op_counts(out) == {"Conv": 2}
     assert_same_outputs(model, out, **TOL)
+
+
+# two 3x3 convs in a chain, 8 -> 16 -> 16: the first full rank (every split of it costs
+# output error), the second of channel rank 2 (splits for free, whatever its input)
+TWO_CONVS = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 8, 8, 8] x) => (float[N, 16, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    y = Conv <pads = [1, 1, 1, 1]> (h, w2, b2)
+}
+"""
+
+
+def two_convs():
+    return make_model(TWO_CONVS, {"w1": rand((16, 8, 3, 3), 2), "b1": rand((16,), 1),
+                                  "w2": low_rank(16, 16, 2), "b2": rand((16,), 3)})
+
+
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_svd_split_mac_target_spends_it_where_error_is_cheapest(data_aware):
+    # MACs per position: 16 * 72 + 16 * 144 = 3456; the second conv at its rank 2 costs
+    # 2 * (144 + 16) = 320, 57 % fewer: a 25 % target is met there, the first kept
+    model = two_convs()
+    batches = [{"x": rand((2, 8, 8, 8), 20 + i)} for i in range(3)]
+    ctx = PassContext(calib=batches) if data_aware else PassContext()
+    out, result = apply_pass(SvdSplit, model, {"svd_target_macs": 0.25}, ctx)
+    first, second = result.layers
+    assert result.stats["macs_saved_fraction"] >= 0.25
+    assert first["mode"] == "kept" and first["why"] == "kept: the MAC target is met without it"
+    assert second["mode"] != "kept" and second["rel_error"] < 1e-6
+    assert (second["reach"] != 1.0) == data_aware
+    assert_same_outputs(model, out, **TOL)  # the split is exact: the model is unchanged
+
+
+def test_svd_split_mac_target_out_of_reach_takes_the_most_and_says_so():
+    model = two_convs()
+    out, result = apply_pass(SvdSplit, model, {"svd_target_macs": 0.98})
+    assert result.declined == {"MAC target above what the layers allow": 1}
+    # every layer at its cheapest option: the largest saving the layers allow
+    assert all(r["mode"] != "kept" and r["rank"] == 1 for r in result.layers)
+    assert op_counts(out) == {"Conv": 4}
+
+
+def test_svd_split_mac_target_front_and_greedy():
+    from onnxslim_cnn.passes.svd import target
+
+    opt = target.Option
+    # a dominated option (more MACs and more cost than another) leaves the front
+    front = target.front([opt("kept", 0, 100, 0.0), opt("channel", 8, 60, 0.2),
+                          opt("spatial", 6, 70, 0.3), opt("channel", 4, 40, 0.5)])
+    assert [(o.mode, o.rank) for o in front] == [("kept", 0), ("channel", 8), ("channel", 4)]
+    cheap = [opt("kept", 0, 100, 0.0), opt("channel", 2, 50, 0.01)]
+    dear = [opt("kept", 0, 100, 0.0), opt("channel", 2, 50, 1.0)]
+    picked, met = target.allocate([dear, cheap], [100, 100], 0.25)
+    assert met and [o.rank for o in picked] == [0, 2]
+    picked, met = target.allocate([dear, cheap], [100, 100], 0.5)
+    assert met and [o.rank for o in picked] == [2, 2]
+    _, met = target.allocate([dear, cheap], [100, 100], 0.6)
+    assert not met
+    assert target.grid(0) == [] and target.grid(3) == [1, 2, 3]
+    assert len(target.grid(1000)) == target.GRID_POINTS and target.grid(1000)[-1] == 1000
+
+
+def test_svd_split_mac_target_on_resnet8(tmp_path):
+    from onnxslim_cnn.config import Budget, Config, DataConfig
+    from onnxslim_cnn.manager import compress
+
+    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
+    images = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
+    if not path.is_file() or not images.is_dir():
+        pytest.skip("../shared/models not available")
+    report = compress(path, tmp_path / "s.onnx", Config(
+        passes=("fold-bn", "svd-split"), options={"svd_target_macs": 0.25},
+        data=DataConfig(path=images, calib_count=100, val_count=300),
+        budget=Budget(max_top1_drop=100, min_cosine=0)))
+    split = report.passes[-1]
+    assert split.status == "applied" and split.stats["macs_saved_fraction"] >= 0.25
+    # measured on the 1000 images after the run's 200 (seed 0): 26 % fewer MACs,
+    # agreement 0.80, cosine 0.88 (a uniform per-layer budget cutting 33 %: 0.67, 0.78)
+    assert split.metrics["top1_agreement"] >= 0.7 and split.metrics["cosine"] >= 0.8

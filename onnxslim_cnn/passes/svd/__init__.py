@@ -12,6 +12,8 @@ Gemm/MatMul: x -> Gemm(A) -> Gemm(B, b')   (W ~ B A)
 Rank choice, per layer (factor.py holds the math, stats.py the data, site.py the costs):
 - ``rank_ratio``: r = ceil(ratio * full rank), from the plain SVD of W;
 - ``energy``: the smallest r keeping that fraction of sum(s_i^2), plain SVD;
+- ``svd_target_macs``: the ranks (and modes) removing that share of the split-able
+  layers' MACs with the least output error, chosen across layers (target.py);
 - default, data-aware: SVD of W Sigma^{1/2} (Sigma the covariance of the layer's im2col
   inputs on the calibration data), the smallest r whose relative output error stays
   within ``svd_error``. If the split model's top-1 agreement with the original on the
@@ -40,7 +42,8 @@ from ... import validate
 from ...errors import UsageError
 from ...recover import layers as tuning  # a module: recover.layers imports passes.base
 from ..base import Pass, PassContext, PassResult, register, taken_names
-from . import rewrite, stats
+from ..qdq.bias_correct import subset
+from . import rewrite, stats, target
 from .factor import Channel, Factors, Spatial, build, smallest_rank
 from .site import Site, find_site
 
@@ -58,6 +61,8 @@ class SvdOptions:
         energy: force the smallest r keeping this fraction of the squared singular
             values (data-free).
         svd_error: data-aware per-layer budget: relative output error on calibration data.
+        svd_target_macs: remove this share of the split-able layers' MACs, ranks chosen
+            across layers for the least output error (target.py).
         svd_mode: ``auto`` (pick per layer), ``channel`` or ``spatial`` only.
         svd_min_saving: a split must save at least this fraction of the layer's
             parameters and MACs (the extra node costs latency).
@@ -68,6 +73,7 @@ class SvdOptions:
     rank_ratio: float | None = None
     energy: float | None = None
     svd_error: float = 0.1
+    svd_target_macs: float | None = None
     svd_mode: str = "auto"
     svd_min_saving: float = 0.2
     distill_steps: int = 0
@@ -93,8 +99,10 @@ class SvdSplit(Pass):
         for flag, value in (("rank-ratio", o.rank_ratio), ("energy", o.energy)):
             if value is not None and not 0 < value <= 1:
                 raise UsageError(f"--{flag} must be in (0, 1], not {value}")
-        if o.rank_ratio is not None and o.energy is not None:
-            raise UsageError("give --rank-ratio or --energy, not both")
+        if sum(v is not None for v in (o.rank_ratio, o.energy, o.svd_target_macs)) > 1:
+            raise UsageError("give one of --rank-ratio, --energy, --svd-target-macs")
+        if o.svd_target_macs is not None and not 0 < o.svd_target_macs < 1:
+            raise UsageError(f"--svd-target-macs must be in (0, 1), not {o.svd_target_macs}")
         if not o.svd_error > 0 or not 0 <= o.svd_min_saving < 1:
             raise UsageError("--svd-error must be > 0 and --svd-min-saving in [0, 1)")
         if o.svd_mode not in MODES:
@@ -118,8 +126,11 @@ class SvdSplit(Pass):
             original, sites, ctx.calib, ctx.seed, progress=ctx.progress)
         factorisers = {s.key: self._factorisers(s, moments.get(s.key)) for s in sites}
         budget = self.options.svd_error
-        choices = self._choose_all(sites, factorisers, moments, budget)
-        if moments and ctx.evaluate is not None:
+        if self.options.svd_target_macs is not None:
+            choices = self._choose_target(original, sites, factorisers, moments, ctx, result)
+        else:
+            choices = self._choose_all(sites, factorisers, moments, budget)
+        if moments and ctx.evaluate is not None and self.options.svd_target_macs is None:
             choices, budget = self._backoff(original, sites, factorisers, moments, ctx,
                                             choices)
         taken = taken_names(graph)
@@ -136,7 +147,7 @@ class SvdSplit(Pass):
             tuning.tune_nodes(original, graph, new, False, ctx, self.options.distill_steps,
                               result, taken)
         result.stats.update(_totals(choices), data_aware=int(bool(moments)))
-        if moments:
+        if moments and self.options.svd_target_macs is None:
             result.stats["layer_error_budget"] = budget
         return result
 
@@ -184,6 +195,46 @@ class SvdSplit(Pass):
                       rel_error=round(f.error, 5), params_after=p, macs_after=m)
         return Choice(site, f, record)
 
+    def _choose_target(self, original, sites, factorisers, moments, ctx: PassContext,
+                       result: PassResult) -> list[Choice]:
+        """Per layer the option target.allocate picks (module docstring of target.py)."""
+        gains = _reach(original, sites, factorisers, moments, ctx) if moments else \
+            [1.0] * len(sites)
+        fronts, kept = [], []
+        for site, gain in zip(sites, gains, strict=True):
+            params, macs = site.cost("none")
+            options = [target.Option("kept", 0, macs, 0.0)]
+            for fz in factorisers[site.key]:
+                for rank in target.grid(min(self._max_saving_rank(site, fz.mode),
+                                            fz.max_rank)):
+                    p, m = site.cost(fz.mode, rank)
+                    if self._saves(p, m, params, macs):
+                        options.append(target.Option(fz.mode, rank, m,
+                                                     gain * fz.error(rank) ** 2))
+            fronts.append(target.front(options))
+            kept.append(macs)
+        picked, met = target.allocate(fronts, kept, self.options.svd_target_macs)
+        if not met:
+            result.declined["MAC target above what the layers allow"] += 1
+        choices = []
+        for site, option, gain in zip(sites, picked, gains, strict=True):
+            params, macs = site.cost("none")
+            record = {"layer": site.name, "op": site.node.op, "params": params,
+                      "macs": macs, "reach": round(gain, 4)}
+            if option.mode == "kept":
+                record.update(mode="kept", why="kept: the MAC target is met without it"
+                              if self._max_saving_rank(site, "channel") >= 1 else
+                              self._why_kept(site, factorisers[site.key]))
+                choices.append(Choice(site, None, record))
+                continue
+            fz = next(f for f in factorisers[site.key] if f.mode == option.mode)
+            f = build(fz, option.rank, site.bias, moments[site.key][0] if moments else None)
+            p, m = site.cost(fz.mode, option.rank)
+            record.update(mode=fz.mode, rank=option.rank, full_rank=fz.max_rank,
+                          rel_error=round(f.error, 5), params_after=p, macs_after=m)
+            choices.append(Choice(site, f, record))
+        return choices
+
     def _rank(self, site: Site, fz, budget: float) -> int | None:
         o = self.options
         if o.rank_ratio is not None:
@@ -227,6 +278,30 @@ class SvdSplit(Pass):
             if _acceptable(metrics, ctx):
                 break
         return choices, budget
+
+
+REACH_SAMPLES = 32
+
+
+def _reach(original, sites, factorisers, moments, ctx: PassContext) -> list[float]:
+    """g_l of target.py per site: the model-output noise energy with only that layer
+    split at the rank the default budget would give it (error <= svd_error's default),
+    over the layer's own e_l^2 there, on REACH_SAMPLES calibration samples."""
+    batches = subset(ctx.calib, REACH_SAMPLES)
+    reference = validate.run_model(original, batches)
+    gains = []
+    for i, site in enumerate(sites):
+        ctx.progress(f"svd-split: reach of layer {i + 1}/{len(sites)} {site.name}")
+        fz = factorisers[site.key][0]
+        rank = smallest_rank(fz.error, SvdOptions.svd_error, fz.max_rank) or fz.max_rank
+        f = build(fz, rank, site.bias, moments[site.key][0])
+        if f.error <= 0:
+            gains.append(1.0)
+            continue
+        probe = _trial(original, [Choice(site, f, {})])
+        metrics = validate.compare(reference, validate.run_model(probe, batches))
+        gains.append(10 ** (-metrics.sqnr_db / 10) / f.error ** 2)
+    return gains
 
 
 def _acceptable(metrics: validate.Metrics, ctx: PassContext) -> bool:
