@@ -331,11 +331,11 @@ def test_svd_split_wide_1x1_conv_low_rank_splits_exactly(data_aware):
     assert_same_outputs(model, out, **TOL)
 
 
-# two 3x3 convs in a chain, 8 -> 16 -> 16: the first full rank (every split of it costs
+# two 3x3 convs in a chain, 8 -> 12 -> 12: the first full rank (every split of it costs
 # output error), the second of channel rank 2 (splits for free, whatever its input)
 TWO_CONVS = """
 <ir_version: 8, opset_import: ["" : 13]>
-g (float[N, 8, 8, 8] x) => (float[N, 16, 8, 8] y) {
+g (float[N, 8, 8, 8] x) => (float[N, 12, 8, 8] y) {
     h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
     y = Conv <pads = [1, 1, 1, 1]> (h, w2, b2)
 }
@@ -343,14 +343,14 @@ g (float[N, 8, 8, 8] x) => (float[N, 16, 8, 8] y) {
 
 
 def two_convs():
-    return make_model(TWO_CONVS, {"w1": rand((16, 8, 3, 3), 2), "b1": rand((16,), 1),
-                                  "w2": low_rank(16, 16, 2), "b2": rand((16,), 3)})
+    return make_model(TWO_CONVS, {"w1": rand((12, 8, 3, 3), 2), "b1": rand((12,), 1),
+                                  "w2": low_rank(12, 12, 2), "b2": rand((12,), 3)})
 
 
 @pytest.mark.parametrize("data_aware", [False, True])
 def test_svd_split_mac_target_spends_it_where_error_is_cheapest(data_aware):
-    # MACs per position: 16 * 72 + 16 * 144 = 3456; the second conv at its rank 2 costs
-    # 2 * (144 + 16) = 320, 57 % fewer: a 25 % target is met there, the first kept
+    # MACs per position: 12 * 72 + 12 * 108 = 2160; the second conv at its rank 2 costs
+    # 2 * (108 + 12) = 240, 49 % fewer: a 25 % target is met there, the first kept
     model = two_convs()
     batches = [{"x": rand((2, 8, 8, 8), 20 + i)} for i in range(3)]
     ctx = PassContext(calib=batches) if data_aware else PassContext()
@@ -372,6 +372,20 @@ def test_svd_split_mac_target_out_of_reach_takes_the_most_and_says_so():
     assert op_counts(out) == {"Conv": 4}
 
 
+@pytest.mark.parametrize("options", [{"rank_ratio": 0.1}, {"svd_target_macs": 0.3}])
+def test_svd_split_ranks_of_blocked_convs_are_multiples_of_16(options):
+    # 32 -> 64 of channel rank 2: rank 16 keeps onnxruntime's blocked kernels for both
+    # halves (channels in multiples of 16) and still saves 1 - 16 * (288 + 64) / 18432
+    model = conv_model(GEOMETRY["padded"], low_rank(64, 32, 2))
+    out, result = apply_pass(SvdSplit, model, options)
+    assert result.layers[0]["rank"] % 16 == 0 and result.layers[0]["rank"] < 64
+    assert_same_outputs(model, out, **TOL)
+    # a layer whose channels are not multiples of 16 keeps its own rank
+    _, odd = apply_pass(SvdSplit, conv_model(GEOMETRY["padded"], low_rank(24, 8, 3)),
+                        {"rank_ratio": 0.125})
+    assert odd.layers[0]["rank"] == 3
+
+
 def test_svd_split_mac_target_front_and_greedy():
     from onnxslim_cnn.passes.svd import target
 
@@ -390,6 +404,7 @@ def test_svd_split_mac_target_front_and_greedy():
     assert not met
     assert target.grid(0) == [] and target.grid(3) == [1, 2, 3]
     assert len(target.grid(1000)) == target.GRID_POINTS and target.grid(1000)[-1] == 1000
+    assert target.grid(40, 16) == [16, 32] and target.grid(15, 16) == []
 
 
 def test_svd_split_mac_target_on_resnet8(tmp_path):
@@ -409,3 +424,24 @@ def test_svd_split_mac_target_on_resnet8(tmp_path):
     # measured on the 1000 images after the run's 200 (seed 0): 26 % fewer MACs,
     # agreement 0.80, cosine 0.88 (a uniform per-layer budget cutting 33 %: 0.67, 0.78)
     assert split.metrics["top1_agreement"] >= 0.7 and split.metrics["cosine"] >= 0.8
+
+
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_svd_split_mac_target_spatial_only_keeps_1x1_convs(data_aware):
+    # spatial mode has nothing to offer a 1x1 conv: kept with its reason, no failure
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 8, 8] x) => (float[N, 16, 8, 8] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        y = Conv (h, w2, b2)
+    }"""
+    model = make_model(text, {"w1": low_rank(16, 8, 2), "b1": rand((16,), 1),
+                              "w2": rand((16, 16, 1, 1), 2), "b2": rand((16,), 3)})
+    batches = [{"x": rand((2, 8, 8, 8), 20 + i)} for i in range(3)]
+    ctx = PassContext(calib=batches) if data_aware else PassContext()
+    out, result = apply_pass(SvdSplit, model, {"svd_target_macs": 0.3, "svd_mode": "spatial"},
+                             ctx)
+    first, second = result.layers
+    assert first["mode"] == "spatial" and second["mode"] == "kept"
+    assert second["why"].startswith("no rank saves") and second["reach"] == 1.0
+    assert result.stats["macs_saved_fraction"] >= 0.3

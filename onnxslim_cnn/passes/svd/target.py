@@ -37,11 +37,14 @@ class Option:
     cost: float
 
 
-def grid(high: int) -> list[int]:
-    """Up to GRID_POINTS ranks from 1 to ``high``, spaced evenly (both ends kept)."""
-    if high < 1:
+def grid(high: int, multiple: int = 1) -> list[int]:
+    """Up to GRID_POINTS multiples of ``multiple`` from ``multiple`` to ``high``, spaced
+    evenly (both ends kept when ``high`` is a multiple)."""
+    count = high // multiple
+    if count < 1:
         return []
-    return sorted({int(r) for r in np.round(np.linspace(1, high, min(GRID_POINTS, high)))})
+    steps = np.round(np.linspace(1, count, min(GRID_POINTS, count)))
+    return sorted({int(r) * multiple for r in steps})
 
 
 def front(options: list[Option]) -> list[Option]:
