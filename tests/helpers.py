@@ -145,6 +145,16 @@ def shared_model(name: str) -> Path:
     return path
 
 
+def shared_dataset(name: str) -> Path:
+    """Path of ``../shared/models/datasets/<name>``; skips the test when absent."""
+    import pytest
+
+    path = SHARED_MODELS / "datasets" / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not available")
+    return path
+
+
 def run_pipeline(model: onnx.ModelProto, passes, **config_fields):
     """Run ``passes`` through the Manager on seeded random inputs, as ``compress`` does.
 

@@ -19,7 +19,7 @@ from onnxslim_cnn.config import DataConfig
 from onnxslim_cnn.errors import DataError
 from onnxslim_cnn.validate import run_model
 
-from .helpers import SHARED_MODELS, make_model, shared_model
+from .helpers import make_model, shared_dataset, shared_model
 
 
 def identity_model(*inputs: str):
@@ -395,9 +395,7 @@ def test_idx_damaged_raises_data_error(tmp_path, damage, message):
 
 def test_real_imagenet_sample_efficientnet_top1():
     path = shared_model("efficientnet_lite0")
-    images = SHARED_MODELS / "datasets" / "imagenet_sample_500"
-    if not images.is_dir():
-        pytest.skip(f"{images} not available")
+    images = shared_dataset("imagenet_sample_500")
     import onnx
 
     model = onnx.load(path)
@@ -411,9 +409,7 @@ def test_real_imagenet_sample_efficientnet_top1():
 
 def test_real_mnist_idx_top1():
     path = shared_model("mnist8_cntk")
-    digits = SHARED_MODELS / "datasets" / "mnist_test_5000"
-    if not digits.is_dir():
-        pytest.skip(f"{digits} not available")
+    digits = shared_dataset("mnist_test_5000")
     import onnx
 
     model = onnx.load(path)

@@ -29,7 +29,6 @@ from onnxslim_cnn.passes.cluster import (
 )
 
 from .helpers import (
-    SHARED_MODELS,
     apply_pass,
     feeds,
     gs,
@@ -41,6 +40,8 @@ from .helpers import (
     optimized_ops,
     rand,
     run,
+    shared_dataset,
+    shared_model,
 )
 
 # x[2,8,10,10] -> Conv(w1[16,8,3,3], b1, pad 1) -> Relu -> Conv(w2[32,16,3,3], stride 2)
@@ -471,10 +472,8 @@ def test_cluster_cli_options_reach_the_pass(tmp_path):
 
 
 def test_cluster_resnet8_real_images_keep_top1(tmp_path):
-    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
-    data = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
-    if not path.is_file() or not data.is_dir():
-        pytest.skip("shared resnet8 or CIFAR-10 images not available")
+    path = shared_model("resnet8_cifar10_mlperf_tiny")
+    data = shared_dataset("cifar10_test_jpeg_5000")
     config = Config(passes=("fold-bn", "cluster-weights"), options={"bits": 6},
                     data=DataConfig(path=data, calib_count=16, val_count=160),
                     budget=Budget(max_top1_drop=100, min_cosine=0))

@@ -17,7 +17,6 @@ from onnxslim_cnn.passes.prune.weights import (
 )
 
 from .helpers import (
-    SHARED_MODELS,
     apply_pass,
     gs,
     io_types,
@@ -28,6 +27,8 @@ from .helpers import (
     optimized_ops,
     rand,
     run,
+    shared_dataset,
+    shared_model,
 )
 
 # x -> Conv1 -> Relu -> Conv2 -> Relu -> Conv3 (depthwise) -> Relu -> GAP -> Flatten -> Gemm
@@ -279,10 +280,8 @@ def test_gram_patches_reproduce_conv(attrs):
 
 
 def test_prune_weights_resnet8_half_sparse_keeps_top1(tmp_path):
-    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
-    images = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
-    if not path.is_file() or not images.is_dir():
-        pytest.skip("../shared/models not available")
+    path = shared_model("resnet8_cifar10_mlperf_tiny")
+    images = shared_dataset("cifar10_test_jpeg_5000")
     report = compress(path, tmp_path / "p.onnx", Config(
         passes=("fold-bn", "prune-weights"), options={"sparsity": 0.5, "refit_samples": 16},
         data=DataConfig(path=images, calib_count=16, val_count=150),

@@ -13,7 +13,15 @@ from onnxslim_cnn import Budget, Config, DataConfig, compress
 from onnxslim_cnn.passes.base import PassContext
 from onnxslim_cnn.passes.qdq import QdqInt8, calibrate, saturation
 
-from .helpers import SHARED_MODELS, apply_pass, make_model, op_counts, rand, run
+from .helpers import (
+    apply_pass,
+    make_model,
+    op_counts,
+    rand,
+    run,
+    shared_dataset,
+    shared_model,
+)
 
 # x -> Conv -> Relu -> MaxPool -> Conv -> Relu -> GAP -> Flatten -> Gemm -> y
 CNN = """
@@ -548,10 +556,8 @@ def test_qdq_bias_correction_waves_group_parallel_branches():
 
 @pytest.mark.real_latency
 def test_qdq_resnet8_real_images_agree():
-    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
-    images = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
-    if not path.is_file() or not images.is_dir():
-        pytest.skip("../shared/models not available")
+    path = shared_model("resnet8_cifar10_mlperf_tiny")
+    images = shared_dataset("cifar10_test_jpeg_5000")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

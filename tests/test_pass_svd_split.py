@@ -18,7 +18,6 @@ from onnxslim_cnn.passes.svd import SvdSplit, factor, rewrite
 from onnxslim_cnn.passes.svd.site import find_site
 
 from .helpers import (
-    SHARED_MODELS,
     apply_pass,
     assert_same_outputs,
     io_types,
@@ -27,6 +26,8 @@ from .helpers import (
     op_counts,
     optimized_ops,
     rand,
+    shared_dataset,
+    shared_model,
 )
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -411,10 +412,8 @@ def test_svd_split_mac_target_on_resnet8(tmp_path):
     from onnxslim_cnn.config import Budget, Config, DataConfig
     from onnxslim_cnn.manager import compress
 
-    path = SHARED_MODELS / "resnet8_cifar10_mlperf_tiny" / "model.onnx"
-    images = SHARED_MODELS / "datasets" / "cifar10_test_jpeg_5000"
-    if not path.is_file() or not images.is_dir():
-        pytest.skip("../shared/models not available")
+    path = shared_model("resnet8_cifar10_mlperf_tiny")
+    images = shared_dataset("cifar10_test_jpeg_5000")
     report = compress(path, tmp_path / "s.onnx", Config(
         passes=("fold-bn", "svd-split"), options={"svd_target_macs": 0.25},
         data=DataConfig(path=images, calib_count=100, val_count=300),

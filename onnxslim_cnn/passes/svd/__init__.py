@@ -20,7 +20,9 @@ Rank choice, per layer (factor.py holds the math, stats.py the data, site.py the
   calibration data falls below 1 - 2 max_top1_drop/100 (or its cosine loss exceeds half
   the budget's), the per-layer budget is halved and the choice repeated (at most ``BACKOFF`` times).
 Each layer gets the mode (channel, spatial, none) with the fewest MACs among those
-saving at least ``svd_min_saving`` of both its parameters and its MACs.
+saving at least ``svd_min_saving`` of both its parameters and its MACs. A Conv whose
+channel counts are multiples of ALIGN gets a rank that is one too (``aligned``: rounded
+up), so both halves keep onnxruntime's blocked kernels.
 
 ``distill_steps`` > 0 then tunes the factors of all split layers together towards the
 unsplit model's outputs by gradient descent on the calibration data (onnxslim_cnn/recover):

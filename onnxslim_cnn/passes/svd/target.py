@@ -3,8 +3,9 @@
 ``svd_target_macs = T`` asks for the splittable layers (the sites) to cost at most
 (1 - T) of their MACs. Per layer the options are: kept (its MACs, no error) and, per
 mode, the ranks of a grid of ``GRID_POINTS`` from 1 to the largest rank that still saves
-``svd_min_saving`` (finer ranks move a layer's MACs by less than the grid step's share),
-each with its MACs m_l(r) and its cost
+``svd_min_saving`` (finer ranks move a layer's MACs by less than the grid step's share;
+multiples of svd.ALIGN for a conv whose channels are), each with its MACs m_l(r) and
+its cost
 
     c_l(r) = g_l * e_l(r)^2
 
