@@ -191,11 +191,8 @@ class SvdSplit(Pass):
         if best is None:
             record.update(mode="kept", why=self._why_kept(site, factorisers))
             return Choice(site, None, record)
-        m, p, fz, rank = best
-        f = build(fz, rank, site.bias, moments[0] if moments else None)
-        record.update(mode=fz.mode, rank=rank, full_rank=fz.max_rank,
-                      rel_error=round(f.error, 5), params_after=p, macs_after=m)
-        return Choice(site, f, record)
+        _, _, fz, rank = best
+        return _split(site, fz, rank, moments, record)
 
     def _choose_target(self, original, sites, factorisers, moments, ctx: PassContext,
                        result: PassResult) -> list[Choice]:
@@ -208,7 +205,7 @@ class SvdSplit(Pass):
             options = [target.Option("kept", 0, macs, 0.0)]
             for fz in factorisers[site.key]:
                 high = min(self._max_saving_rank(site, fz.mode), fz.max_rank)
-                for rank in target.grid(high, ALIGN if aligned(site, 1) > 1 else 1):
+                for rank in target.grid(high, rank_step(site)):
                     p, m = site.cost(fz.mode, rank)
                     if self._saves(p, m, params, macs):
                         options.append(target.Option(fz.mode, rank, m,
@@ -230,11 +227,7 @@ class SvdSplit(Pass):
                 choices.append(Choice(site, None, record))
                 continue
             fz = next(f for f in factorisers[site.key] if f.mode == option.mode)
-            f = build(fz, option.rank, site.bias, moments[site.key][0] if moments else None)
-            p, m = site.cost(fz.mode, option.rank)
-            record.update(mode=fz.mode, rank=option.rank, full_rank=fz.max_rank,
-                          rel_error=round(f.error, 5), params_after=p, macs_after=m)
-            choices.append(Choice(site, f, record))
+            choices.append(_split(site, fz, option.rank, moments.get(site.key), record))
         return choices
 
     def _rank(self, site: Site, fz, budget: float) -> int | None:
@@ -292,12 +285,27 @@ REACH_SAMPLES = 32
 ALIGN = 16
 
 
+def rank_step(site: Site) -> int:
+    """ALIGN for a Conv whose input and output channels are multiples of it (its ranks
+    must be too, so both halves keep the blocked kernels), else 1."""
+    blocked = site.node.op == "Conv" and site.c_in % ALIGN == 0 and site.c_out % ALIGN == 0
+    return ALIGN if blocked else 1
+
+
 def aligned(site: Site, rank: int) -> int:
-    """``rank`` rounded up to a multiple of ALIGN when the layer is a Conv whose input and
-    output channels are multiples of it (so both halves keep the blocked kernels)."""
-    if site.node.op == "Conv" and site.c_in % ALIGN == 0 and site.c_out % ALIGN == 0:
-        return -(-rank // ALIGN) * ALIGN
-    return rank
+    """``rank`` rounded up to a multiple of the layer's ``rank_step``."""
+    step = rank_step(site)
+    return -(-rank // step) * step
+
+
+def _split(site: Site, fz, rank: int, moments, record: dict) -> Choice:
+    """The choice splitting ``site`` with ``fz`` at ``rank`` (``moments``: the site's
+    (mean, covariance) or None), its figures added to ``record``."""
+    f = build(fz, rank, site.bias, moments[0] if moments else None)
+    p, m = site.cost(fz.mode, rank)
+    record.update(mode=fz.mode, rank=rank, full_rank=fz.max_rank,
+                  rel_error=round(f.error, 5), params_after=p, macs_after=m)
+    return Choice(site, f, record)
 
 
 def _reach(original, sites, factorisers, moments, ctx: PassContext) -> list[float]:
