@@ -444,3 +444,76 @@ def test_svd_split_mac_target_spatial_only_keeps_1x1_convs(data_aware):
     assert first["mode"] == "spatial" and second["mode"] == "kept"
     assert second["why"].startswith("no rank saves") and second["reach"] == 1.0
     assert result.stats["macs_saved_fraction"] >= 0.3
+
+
+def output_error(m: np.ndarray, approx: np.ndarray, sigma: np.ndarray) -> float:
+    """err(M') of factor.py's docstring, straight from its definition."""
+    delta = m - approx
+    return float(np.sqrt(np.sum((delta @ sigma) * delta) / np.sum((m @ sigma) * m)))
+
+
+def random_covariance(dim: int, seed: int) -> np.ndarray:
+    x = rand((3 * dim, dim), seed) @ rand((dim, dim), seed + 1)
+    return np.cov(x.T)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 3), (1, 3)])
+def test_svd_split_spatial_error_of_every_rank_under_the_full_covariance(kernel):
+    # err(r) of all ranks from one K x K matrix (factor._dropped) equals the error of
+    # the rank-r weight measured directly under the full patch covariance
+    c_out, c_in = 12, 5
+    m = rand((c_out, c_in * kernel[0] * kernel[1]), 0).astype(np.float64)
+    sigma = random_covariance(m.shape[1], 2)
+    fz = factor.Spatial(m, c_in, kernel, sigma)
+    for rank in range(1, fz.max_rank + 1):
+        direct = output_error(m, fz.approx(rank), sigma)
+        assert fz.error(rank) == pytest.approx(direct, rel=1e-9, abs=1e-12)
+    assert fz.error(fz.max_rank) == 0.0 and fz.error(1) > 0.1
+
+
+def test_svd_split_statistics_keep_the_rows_while_fewer_than_dimensions():
+    # a Gemm sees one row per sample: fewer rows than inputs are kept as rows (the
+    # covariance is never formed); past the dimension they become the D x D sums
+    from onnxslim_cnn.passes.svd import stats
+
+    rows = rand((40, 30), 5) + 1.0
+    few = stats.Moments(30)
+    for part in np.split(rows[:20], 4):
+        few.add(part)
+    mean, sigma = few.result()
+    assert isinstance(sigma, factor.Samples) and few.outer is None
+    np.testing.assert_allclose(mean, rows[:20].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(sigma.dense(), np.cov(rows[:20].T, bias=True), atol=1e-5)
+    many = stats.Moments(30)
+    for part in np.split(rows, 4):
+        many.add(part)
+    _, dense = many.result()
+    assert isinstance(dense, np.ndarray)
+    np.testing.assert_allclose(dense, np.cov(rows.T, bias=True), atol=1e-5)
+    # the channel factoriser sees the same covariance either way
+    m = rand((8, 30), 6).astype(np.float64)
+    kept = factor.Channel(m, sigma)
+    formed = factor.Channel(m, sigma.dense())
+    np.testing.assert_allclose(kept.residual, formed.residual, atol=1e-9)
+
+
+def test_svd_split_blocked_conv_whose_aligned_rank_saves_too_little_says_so():
+    # 16 -> 16 of channel rank 2: rank 2 meets any budget, but rounded up to 16 (both
+    # halves blocked) it costs 16 * (144 + 16) = 2560 > 0.8 * 2304: kept, with that reason
+    model = conv_model(GEOMETRY["padded"], low_rank(16, 16, 2))
+    batches = [{"x": rand((2, 16, 11, 10), 20 + i)} for i in range(2)]
+    out, result = apply_pass(SvdSplit, model, {"svd_mode": "channel"},
+                             PassContext(calib=batches))
+    assert not result.changed and op_counts(out) == {"Conv": 1}
+    assert result.declined == {"the rank meeting the error budget, rounded up to a "
+                               "multiple of 16 (blocked kernels), saves less than 20%": 1}
+    _, target = apply_pass(SvdSplit, model, {"svd_mode": "channel", "svd_target_macs": 0.2},
+                           PassContext(calib=batches))
+    assert target.declined == {"no rank that is a multiple of 16 (blocked kernels) saves "
+                               "20% of params and FLOPs": 1,
+                               "MAC target above what the layers allow": 1}
+    # the same weight on 8 -> 24 channels (not blocked) splits at its own rank
+    _, odd = apply_pass(SvdSplit, conv_model(GEOMETRY["padded"], low_rank(24, 8, 2)),
+                        {"svd_mode": "channel"},
+                        PassContext(calib=[{"x": rand((2, 8, 11, 10), 30)}]))
+    assert odd.layers[0]["rank"] == 2

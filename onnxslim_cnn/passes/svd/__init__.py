@@ -189,7 +189,7 @@ class SvdSplit(Pass):
             if self._saves(p, m, params, macs) and (best is None or m < best[0]):
                 best = (m, p, fz, rank)
         if best is None:
-            record.update(mode="kept", why=self._why_kept(site, factorisers))
+            record.update(mode="kept", why=self._why_kept(site, factorisers, budget))
             return Choice(site, None, record)
         _, _, fz, rank = best
         return _split(site, fz, rank, moments, record)
@@ -252,12 +252,22 @@ class SvdSplit(Pass):
         keep = 1 - self.options.svd_min_saving
         return p < p0 and m < m0 and p <= keep * p0 and m <= keep * m0
 
-    def _why_kept(self, site: Site, factorisers: list) -> str:
+    def _why_kept(self, site: Site, factorisers: list, budget: float | None = None) -> str:
+        """Why no split of ``site`` was taken (``budget``: the per-layer error budget;
+        None under the MAC target, where every saving rank was a candidate)."""
         share = f"{self.options.svd_min_saving:.0%}"
         if self.data_free:
             return f"the chosen rank saves less than {share} of params and FLOPs"
-        if all(self._max_saving_rank(site, fz.mode) < 1 for fz in factorisers):
+        highs = [min(self._max_saving_rank(site, fz.mode), fz.max_rank) for fz in factorisers]
+        if all(high < 1 for high in highs):
             return f"no rank saves {share} of params and FLOPs"
+        blocked = f"a multiple of {rank_step(site)} (blocked kernels)"
+        if budget is None:
+            return f"no rank that is {blocked} saves {share} of params and FLOPs"
+        if any(smallest_rank(fz.error, budget, high)
+               for fz, high in zip(factorisers, highs, strict=True)):
+            return f"the rank meeting the error budget, rounded up to {blocked}, saves " \
+                   f"less than {share}"
         return f"no rank saving {share} of params and FLOPs meets the error budget"
 
     def _backoff(self, original, sites, factorisers, moments, ctx, choices):

@@ -8,6 +8,9 @@ dimension for D = 576). Sums of x and x x^T are accumulated in float64:
 
     mu = sum(x) / n,   Sigma = sum(x x^T) / n - mu mu^T
 
+A site that sees fewer rows than its D (a Gemm: one row per sample) keeps the rows
+instead, centred (factor.Samples): VGG-19's fc6 with 100 images is 100 x 25088 numbers,
+not a 25088^2 float64 matrix of 5 GB whose products cost 2.6 TFLOP.
 Sites are measured in groups whose covariances together hold at most ``MAX_ENTRIES``
 numbers (ResNet-50 would need ~1 GB at once); each group is one sweep over the data.
 """
@@ -18,30 +21,53 @@ import numpy as np
 import onnx
 
 from ... import validate
+from .factor import Samples
 from .site import Site
 
 MAX_ENTRIES = 2**24
+CHUNK = 1024  # rows of the covariance finished at a time
 
 
 class Moments:
-    """Streaming first and second moments of row vectors."""
+    """Streaming first and second moments of row vectors. While there are fewer rows
+    than dimensions the rows themselves are kept (a Samples covariance, exact and
+    smaller); from then on the sums."""
 
     def __init__(self, dim: int):
+        self.dim = dim
         self.total = np.zeros(dim)
-        self.outer = np.zeros((dim, dim))
+        self.rows: list[np.ndarray] = []
+        self.outer: np.ndarray | None = None
         self.count = 0
 
     def add(self, rows: np.ndarray) -> None:
         # one batch's product in float32 (twice as fast; <= 16k terms), summed in float64
         rows = rows.astype(np.float32)
         self.total += rows.sum(axis=0, dtype=np.float64)
-        self.outer += rows.T @ rows
         self.count += rows.shape[0]
+        if self.outer is None and self.count < self.dim:
+            self.rows.append(rows)
+            return
+        if self.outer is None:
+            self.outer = np.zeros((self.dim, self.dim))
+            for kept in self.rows:
+                self.outer += kept.T @ kept
+            self.rows = []
+        self.outer += rows.T @ rows
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self) -> tuple[np.ndarray, np.ndarray | Samples]:
+        """(mean, covariance). The sums' array is finished in place (a 25088^2 float64
+        matrix is 5 GB, each temporary copy another 5 GB); it is symmetric (every
+        batch's rows^T rows is one syrk, and mu mu^T is)."""
         mean = self.total / max(self.count, 1)
-        sigma = self.outer / max(self.count, 1) - np.outer(mean, mean)
-        return mean, (sigma + sigma.T) / 2
+        if self.outer is None:
+            rows = np.concatenate(self.rows) if self.rows else np.zeros((1, self.dim))
+            return mean, Samples(rows - mean)
+        sigma, self.outer = self.outer, None
+        sigma /= max(self.count, 1)
+        for lo in range(0, self.dim, CHUNK):  # mu mu^T a band of rows at a time
+            sigma[lo: lo + CHUNK] -= np.outer(mean[lo: lo + CHUNK], mean)
+        return mean, sigma
 
 
 def patches(x: np.ndarray, site: Site, rng: np.random.Generator, rows: int) -> np.ndarray:
