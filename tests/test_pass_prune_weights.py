@@ -450,3 +450,27 @@ def test_refit_on_fewer_rows_than_inputs_shrinks_so_other_inputs_gain_too():
     raw, shrunk = gram.refit(h, w, keep), gram.refit(gram.shrunk(h), w, keep)
     assert err(h, raw) < 1e-4 and err(h_other, raw) > masked  # fits the 64 rows, not others
     assert err(h_other, shrunk) < 0.9 * masked  # re-fit on the shrunk H: better elsewhere
+
+
+@pytest.mark.parametrize("options", [{}, {"allocation": "network", "sequential": True}])
+def test_prune_weights_layer_too_wide_for_its_gram_is_pruned_by_magnitude(monkeypatch,
+                                                                          options):
+    # c2's Gram (K = 144 + 1: 168 KB) above the cap, c3's and c4's (26 and 9 KB) below:
+    # c2 is masked by magnitude with its weights untouched, the others re-fitted by OBS,
+    # and the global target is still met across all three (as VGG-19's fc6 against 5 GB)
+    monkeypatch.setattr(gram, "MAX_GRAM_BYTES", 2**17)
+    model = cnn()
+    out, result = apply_pass(PruneWeights, model, {"sparsity": 0.5, **options},
+                             PassContext(calib=calib(2)))
+    assert result.declined["input Gram matrix above 0.125 MB: pruned by magnitude, "
+                           "no re-fit"] == 1
+    records = {r["layer"]: r for r in result.layers}
+    assert "err_refit_db" not in records["c2"]
+    masked_key = "err_mask_seq_db" if options else "err_mask_db"
+    assert all(records[n]["err_refit_db"] < records[n][masked_key] for n in ("c3", "c4"))
+    w2 = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w2"))
+    keep = allocate.keep_mask(np.abs(w2), records["c2"]["sparsity"])
+    got = list(dense_weights(out).values())[1]  # c2's weight as onnxruntime decodes it
+    np.testing.assert_array_equal(got, np.where(keep, w2, 0))
+    pruned = sum(r["params"] * r["sparsity"] for r in result.layers)
+    assert 0.5 <= pruned / sum(r["params"] for r in result.layers) <= 0.55

@@ -132,7 +132,8 @@ class PruneChannels(Pass):
         if not ctx.calib or not wanted:
             return {}
         layers = [gram.layer_of(_layer(c)) for s in chosen for c in s.consumers]
-        layers = [v for v in layers if not isinstance(v, str)]
+        # a consumer too wide for its Gram matrix (gram.MAX_GRAM_BYTES) keeps its weights
+        layers = [v for v in layers if not isinstance(v, str) and gram.fits(v)]
         if not layers:  # no consumer with a weight to score or re-fit by
             return {}
         return gram.collect_grams(model, layers, subset(ctx.calib, self.options.refit_samples),

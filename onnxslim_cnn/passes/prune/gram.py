@@ -31,6 +31,11 @@ from ..cluster import refine
 
 RIDGE = 1e-3
 TOTAL_ROWS = 8192
+# A layer whose Gram matrices would take more than this is pruned without them (by
+# magnitude, no re-fit): VGG-19's fc6 has K = 25088, H alone 5 GB in float64, and the
+# sums, the shrinkage and OBS's factors copy it several times (a 24 GB machine killed
+# the process). 512 MB is K ~ 8190 for one group.
+MAX_GRAM_BYTES = 2**29
 
 
 @dataclass
@@ -86,6 +91,12 @@ class Layer:
     def bias_vector(self) -> np.ndarray:
         rows = self.matrix().shape[0] * self.matrix().shape[1]
         return np.zeros(rows) if self.bias is None else self.bias.astype(np.float64)
+
+
+def fits(layer: Layer) -> bool:
+    """Whether ``layer``'s Gram matrices stay within MAX_GRAM_BYTES."""
+    groups, _, k = layer.matrix().shape
+    return groups * (k + 1) ** 2 * 8 <= MAX_GRAM_BYTES
 
 
 def layer_of(node: gs.Node) -> Layer | str:
@@ -172,7 +183,10 @@ def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray,
     rx = rows(layer, x, pick)
     ry = rx if y is None else rows(layer, y, pick)
     part = np.matmul(rx.transpose(1, 2, 0), ry.transpose(1, 0, 2))  # BLAS per group
-    return part.astype(np.float64) if total is None else total + part
+    if total is None:
+        return part.astype(np.float64)
+    total += part
+    return total
 
 
 def _positions(layer: Layer, x: np.ndarray) -> int:
@@ -264,14 +278,18 @@ def augmented(layer: Layer, matrix: np.ndarray | None = None) -> np.ndarray:
     return np.concatenate([m, layer.bias_vector().reshape(*m.shape[:2], 1)], axis=2)
 
 
-def mask_error(h: np.ndarray, w: np.ndarray, keep: np.ndarray) -> float:
-    """sum over rows of d^T H d with d = w~ where the mask drops it (bias never dropped)."""
+def mask_error(h: np.ndarray | None, w: np.ndarray, keep: np.ndarray) -> float:
+    """sum over rows of d^T H d with d = w~ where the mask drops it (bias never dropped);
+    H = I when None (no data: the weights' own energy)."""
     d = np.where(pad_keep(keep, w.shape[2]), 0.0, w)
-    return float(np.einsum("gok,gkl,gol->", d, h, d, optimize=True))
+    return energy(h, d)
 
 
-def energy(h: np.ndarray, w: np.ndarray) -> float:
-    """sum over rows of w~^T H w~: the output energy of the layer on the data."""
+def energy(h: np.ndarray | None, w: np.ndarray) -> float:
+    """sum over rows of w~^T H w~: the output energy of the layer on the data (H = I
+    when None)."""
+    if h is None:
+        return float(np.sum(w * w))
     return float(np.einsum("gok,gkl,gol->", w, h, w, optimize=True))
 
 

@@ -29,13 +29,15 @@ NETWORK_LEVELS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def reach(model: onnx.ModelProto, layers: list[gram.Layer], curves: list[np.ndarray],
-          scores: list[np.ndarray], batches: list[dict]) -> list[float]:
+          scores: list[np.ndarray], batches: list[dict], progress=lambda m: None
+          ) -> list[float]:
     """r_l per layer (1.0 where the weight is no initializer of ``model``)."""
     at = int(np.argmin(np.abs(allocate.GRID - REACH_LEVEL)))
     reference = _outputs(model, batches)
     found = {init.name: i for i, init in enumerate(model.graph.initializer)}
     out = []
-    for layer, curve, score in zip(layers, curves, scores, strict=True):
+    for i, (layer, curve, score) in enumerate(zip(layers, curves, scores, strict=True)):
+        progress(f"prune-weights: reach of layer {i + 1}/{len(layers)} {layer.name}")
         name = layer.node.inputs[1].name
         if name not in found or curve[at] <= 0:
             out.append(1.0)
@@ -54,7 +56,8 @@ def network_curves(model: onnx.ModelProto, layers: list[gram.Layer], grams: dict
 
     Where ``reach`` scales a layer's own error curve by one measurement at REACH_LEVEL
     (masking, no recovery), this measures what allocation trades: the network error of
-    the pruning prune-weights will do, at every level. One forward of ``batches`` per
+    the pruning prune-weights will do, at every level (a layer without its Gram matrix:
+    magnitude pruning, as prune-weights does it). One forward of ``batches`` per
     (layer, level): prune-weights takes ~5x as long on EfficientNet-Lite0.
     """
     reference = _outputs(model, batches)
@@ -62,12 +65,14 @@ def network_curves(model: onnx.ModelProto, layers: list[gram.Layer], grams: dict
     out = []
     for i, layer in enumerate(layers):
         progress(f"prune-weights: network error of layer {i + 1}/{len(layers)} {layer.name}")
-        h, w = grams[layer.name], gram.augmented(layer)
+        h, w = grams.get(layer.name), gram.augmented(layer)
         k = layer.matrix().shape[2]
-        factor = obs.inverse_factor(h)
+        factor = None if h is None else obs.inverse_factor(h)
+        masks = allocate.keep_masks(np.abs(layer.matrix()), NETWORK_LEVELS)
         points = [0.0]
-        for level in NETWORK_LEVELS:
-            new, _ = obs.prune(h, w, k, sparsity=level, factor=factor)
+        for level, keep in zip(NETWORK_LEVELS, masks, strict=True):
+            new = obs.prune(h, w, k, sparsity=level, factor=factor)[0] if h is not None \
+                else np.where(gram.pad_keep(keep, w.shape[2]), w, 0.0)  # magnitude only
             probe = _pruned_probe(model, found, layer, new, k)
             points.append(_relative_error(_outputs(probe, batches), reference))
         out.append(np.interp(allocate.GRID, (0.0, *NETWORK_LEVELS), points))

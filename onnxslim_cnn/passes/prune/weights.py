@@ -114,12 +114,19 @@ class PruneWeights(Pass):
             return result
         reference = gs.export_onnx(graph, do_type_check=False)
         grams = self._grams(reference, layers, ctx)
+        if grams:
+            wide = sum(layer.name not in grams for layer in layers)
+            if wide:
+                result.declined[f"input Gram matrix above {gram.MAX_GRAM_BYTES / 2**20:g} MB: "
+                                f"pruned by magnitude, no re-fit"] += wide
         levels = dict(zip([layer.name for layer in layers],
                           self._levels(reference, layers, grams, ctx, result), strict=True))
         taken, records = taken_names(graph), {}
         for wave in self._waves(graph, layers, grams):
             inputs = self._wave_inputs(reference, graph, wave, ctx)
             for layer in wave:
+                ctx.progress(f"prune-weights: pruning layer {len(records) + 1}/{len(layers)} "
+                             f"{layer.name} to {levels[layer.name]:g}")
                 new, records[layer.name] = recover.prune_layer(
                     layer, levels[layer.name], grams.get(layer.name),
                     inputs.get(layer.name), self.options)
@@ -141,14 +148,15 @@ class PruneWeights(Pass):
         if not ctx.calib or not wanted:
             return {}
         batches = subset(ctx.calib, o.refit_samples)
-        return gram.collect_grams(model, layers, batches, ctx.progress)
+        fitting = [layer for layer in layers if gram.fits(layer)]
+        return gram.collect_grams(model, fitting, batches, ctx.progress) if fitting else {}
 
     def _levels(self, reference, layers, grams, ctx, result: PassResult) -> list[float]:
         o = self.options
         if o.threshold is not None:
             return [o.threshold] * len(layers)
         target = 0.5 if o.sparsity is None else o.sparsity
-        if o.allocation == "uniform" or len(grams) < len(layers):
+        if o.allocation == "uniform" or not grams:
             return [target] * len(layers)
         probes = subset(ctx.calib, reach.REACH_SAMPLES)
         if o.allocation == "network" and recover.uses_obs(o):
@@ -156,9 +164,10 @@ class PruneWeights(Pass):
         else:
             if o.allocation == "network":  # its curves are of OBS pruning
                 result.declined["allocation network needs OBS recovery: sensitivity used"] += 1
-            errors = [recover.error_curve(layer, grams[layer.name], o) for layer in layers]
-            scores = [recover.score(layer, grams[layer.name], o) for layer in layers]
-            gains = reach.reach(reference, layers, errors, scores, probes)
+            ctx.progress("prune-weights: error curves of every layer")
+            errors = [recover.error_curve(layer, grams.get(layer.name), o) for layer in layers]
+            scores = [recover.score(layer, grams.get(layer.name), o) for layer in layers]
+            gains = reach.reach(reference, layers, errors, scores, probes, ctx.progress)
             errors = [g * e for g, e in zip(gains, errors, strict=True)]
         levels, met = allocate.allocate(errors, [layer.weight.size for layer in layers],
                                         target)
@@ -174,6 +183,9 @@ class PruneWeights(Pass):
     def _wave_inputs(self, reference, graph, wave, ctx: PassContext) -> dict:
         """(Hp, C) per layer of the wave when sequential, else nothing."""
         if not self.options.sequential or not self.options.recovery or not ctx.calib:
+            return {}
+        wave = [layer for layer in wave if gram.fits(layer)]
+        if not wave:
             return {}
         working = gs.export_onnx(graph, do_type_check=False)
         batches = subset(ctx.calib, self.options.refit_samples)
