@@ -66,6 +66,15 @@ def dense(sigma: np.ndarray | Samples | None) -> np.ndarray | None:
     return sigma.dense() if isinstance(sigma, Samples) else sigma
 
 
+def sandwich(m: np.ndarray, sigma: np.ndarray | Samples | None) -> np.ndarray:
+    """M Sigma M^T (M M^T without data)."""
+    if sigma is None:
+        return m @ m.T
+    if isinstance(sigma, Samples):
+        return sigma.sandwich(m)
+    return (m @ sigma) @ m.T
+
+
 def sqrt_psd(sigma: np.ndarray, inverse: bool = False) -> np.ndarray:
     """Sigma^{1/2} (or Sigma^{-1/2} with eigenvalues floored at FLOOR * max)."""
     lam, vec = np.linalg.eigh(sigma)
@@ -84,8 +93,7 @@ class Channel:
         if m.shape[0] <= m.shape[1]:
             # U and s^2 of svd(M Sigma^{1/2}) are the eigenpairs of M Sigma M^T (out x
             # out): no D x D square root (D = 4608 in ResNet-50's last stage)
-            gram = m @ m.T if sigma is None else sigma.sandwich(m) if \
-                isinstance(sigma, Samples) else (m @ sigma) @ m.T
+            gram = sandwich(m, sigma)
             lam, vec = np.linalg.eigh((gram + gram.T) / 2)
             order = np.argsort(lam)[::-1]
             self.u, s2 = vec[:, order], np.maximum(lam[order], 0.0)
