@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxslim_cnn import Budget, Config, DataConfig, compress
+from onnxslim_cnn import Budget, Config, DataConfig, compress, validate
 from onnxslim_cnn.passes.base import PassContext, PassResult
 from onnxslim_cnn.passes.prune import allocate, gram, obs, reach, recover, sequence
 from onnxslim_cnn.passes.prune.weights import (
@@ -452,20 +452,26 @@ def test_refit_on_fewer_rows_than_inputs_shrinks_so_other_inputs_gain_too():
     assert err(h_other, shrunk) < 0.9 * masked  # re-fit on the shrunk H: better elsewhere
 
 
+def channel_means(model, name: str, batches) -> np.ndarray:
+    probe = validate.with_outputs(model, [name], only=True)
+    return np.concatenate([run(probe, b)[name] for b in batches]).mean(axis=(0, 2, 3))
+
+
 @pytest.mark.parametrize("options", [{}, {"allocation": "network", "sequential": True}])
 def test_prune_weights_layer_too_wide_for_its_gram_is_pruned_by_magnitude(monkeypatch,
                                                                           options):
     # c2's Gram (K = 144 + 1: 168 KB) above the cap, c3's and c4's (26 and 9 KB) below:
-    # c2 is masked by magnitude with its weights untouched, the others re-fitted by OBS,
-    # and the global target is still met across all three (as VGG-19's fc6 against 5 GB)
+    # c2 is masked by magnitude and its bias corrected for the mean it lost, the others
+    # re-fitted by OBS, and the global target is still met across all three (as VGG-19's
+    # fc6 against 5 GB)
     monkeypatch.setattr(gram, "MAX_GRAM_BYTES", 2**17)
-    model = cnn()
+    model, batches = cnn(), calib(2)
     out, result = apply_pass(PruneWeights, model, {"sparsity": 0.5, **options},
-                             PassContext(calib=calib(2)))
+                             PassContext(calib=batches))
     assert result.declined["input Gram matrix above 0.125 MB: pruned by magnitude, "
-                           "no re-fit"] == 1
+                           "bias corrected"] == 1
     records = {r["layer"]: r for r in result.layers}
-    assert "err_refit_db" not in records["c2"]
+    assert "err_refit_db" not in records["c2"] and records["c2"]["bias_corrected"]
     masked_key = "err_mask_seq_db" if options else "err_mask_db"
     assert all(records[n]["err_refit_db"] < records[n][masked_key] for n in ("c3", "c4"))
     w2 = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w2"))
@@ -474,3 +480,10 @@ def test_prune_weights_layer_too_wide_for_its_gram_is_pruned_by_magnitude(monkey
     np.testing.assert_array_equal(got, np.where(keep, w2, 0))
     pruned = sum(r["params"] * r["sparsity"] for r in result.layers)
     assert 0.5 <= pruned / sum(r["params"] for r in result.layers) <= 0.55
+    # c2's output keeps its per-channel mean on the calibration data (every patch
+    # sampled: exact up to float32 sums); masking alone shifts it
+    ref = channel_means(model, "c2", batches)
+    np.testing.assert_allclose(channel_means(out, "c2", batches), ref, rtol=1e-4, atol=1e-5)
+    masked, _ = apply_pass(PruneWeights, model, {"sparsity": 0.5, "recovery": False},
+                           PassContext(calib=batches))
+    assert np.abs(channel_means(masked, "c2", batches) - ref).max() > 1e-2

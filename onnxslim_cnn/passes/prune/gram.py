@@ -177,9 +177,7 @@ def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray,
     among their batches. Only the sampled patches are ever built (the full im2col of an
     early EfficientNet layer is hundreds of MB per batch).
     """
-    count = _positions(layer, x)
-    pick = None if count <= cap else np.sort(
-        np.random.default_rng(count).choice(count, cap, replace=False))
+    pick = _pick(layer, x, cap)
     rx = rows(layer, x, pick)
     ry = rx if y is None else rows(layer, y, pick)
     part = np.matmul(rx.transpose(1, 2, 0), ry.transpose(1, 0, 2))  # BLAS per group
@@ -187,6 +185,13 @@ def gram_add(total: np.ndarray | None, layer: Layer, x: np.ndarray,
         return part.astype(np.float64)
     total += part
     return total
+
+
+def _pick(layer: Layer, x: np.ndarray, cap: int) -> np.ndarray | None:
+    """A seeded sample of ``cap`` patch rows of ``x`` (None: all of them)."""
+    count = _positions(layer, x)
+    return None if count <= cap else np.sort(
+        np.random.default_rng(count).choice(count, cap, replace=False))
 
 
 def _positions(layer: Layer, x: np.ndarray) -> int:
@@ -205,20 +210,40 @@ def _positions(layer: Layer, x: np.ndarray) -> int:
 def collect_grams(model, layers: list[Layer], batches: list[dict],
                   progress=lambda m: None) -> dict[str, np.ndarray]:
     """H of every layer (by name) over ``batches``, streamed through onnxruntime."""
+    grams: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
+    for values in _inputs(model, layers, batches, progress):
+        for layer in layers:
+            x = values[layer.input_name].astype(np.float32)
+            grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=row_cap(batches))
+    return {layer.name: shrunk(grams[layer.name]) if layer.has_bias_slot else grams[layer.name]
+            for layer in layers}
+
+
+def input_means(model, layers: list[Layer], batches: list[dict],
+                progress=lambda m: None) -> dict[str, np.ndarray]:
+    """Mean input patch [G, K] of every layer over ``batches`` (the same rows H would
+    use): what a layer pruned without its H needs for its bias correction."""
+    sums = {layer.name: 0.0 for layer in layers}
+    counts = dict.fromkeys(sums, 0)
+    for values in _inputs(model, layers, batches, progress):
+        for layer in layers:
+            x = values[layer.input_name].astype(np.float32)
+            r = patches(layer, x, _pick(layer, x, row_cap(batches)))
+            sums[layer.name] = sums[layer.name] + r.sum(axis=0, dtype=np.float64)
+            counts[layer.name] += r.shape[0]
+    return {name: total / max(counts[name], 1) for name, total in sums.items()}
+
+
+def _inputs(model, layers: list[Layer], batches: list[dict], progress):
+    """The input tensors of ``layers`` for each batch, from one onnxruntime session."""
     names = sorted({layer.input_name for layer in layers})
     runner = validate.Runner(validate.with_outputs(model, names, only=True), optimization="basic")
-    grams: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
     try:
         for i, batch in enumerate(batches):
-            values = runner.run_batch(batch)
-            for layer in layers:
-                x = values[layer.input_name].astype(np.float32)
-                grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=row_cap(batches))
+            yield runner.run_batch(batch)
             progress(f"pruning statistics: batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
-    return {layer.name: shrunk(grams[layer.name]) if layer.has_bias_slot else grams[layer.name]
-            for layer in layers}
 
 
 def shrunk(h: np.ndarray | None) -> np.ndarray | None:

@@ -53,14 +53,18 @@ def error_curve(layer: gram.Layer, h: np.ndarray | None, options) -> np.ndarray:
 
 
 def prune_layer(layer: gram.Layer, level: float, h: np.ndarray | None,
-                seq: tuple[np.ndarray, np.ndarray] | None, options
-                ) -> tuple[np.ndarray, dict]:
+                seq: tuple[np.ndarray, np.ndarray] | None, options,
+                mean: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """(w~' [G, O/G, K(+1)], report record) of ``layer`` pruned to ``level``.
 
     Args:
         level: the layer's sparsity, or the threshold when ``options.threshold`` is set.
-        h: Gram matrix on the original inputs (None: no data, mask by magnitude only).
+        h: Gram matrix on the original inputs (None: no data, or a layer too wide for
+            it: mask by magnitude only).
         seq: (Hp, C) on the pruned model's inputs (sequence.wave_grams) or None.
+        mean: the mean input patch [G, K] of a layer without ``h`` (gram.input_means):
+            with recovery its bias absorbs the mean of what was removed,
+            b' = b + (w - w') . mu, so that E[y'] = E[y] on the calibration data.
     """
     w = gram.augmented(layer)
     k = layer.matrix().shape[2]
@@ -73,6 +77,9 @@ def prune_layer(layer: gram.Layer, level: float, h: np.ndarray | None,
         new = np.where(gram.pad_keep(fixed, w.shape[2]), w, 0.0)
         if h is not None:
             record["err_mask_db"] = _db(gram.mask_error(h, w, fixed), gram.energy(h, w))
+        elif mean is not None and options.recovery and w.shape[2] > k:
+            new[:, :, k] += np.einsum("gok,gk->go", w[:, :, :k] - new[:, :, :k], mean)
+            record["bias_corrected"] = True
         return new, {**record, "sparsity": _sparsity(fixed)}
     new, keep = _recover(w, k, level, h, seq, fixed, options)
     return new, {**record, "sparsity": _sparsity(keep), **_errors(h, seq, w, new, keep)}

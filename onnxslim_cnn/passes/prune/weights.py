@@ -114,11 +114,7 @@ class PruneWeights(Pass):
             return result
         reference = gs.export_onnx(graph, do_type_check=False)
         grams = self._grams(reference, layers, ctx)
-        if grams:
-            wide = sum(layer.name not in grams for layer in layers)
-            if wide:
-                result.declined[f"input Gram matrix above {gram.MAX_GRAM_BYTES / 2**20:g} MB: "
-                                f"pruned by magnitude, no re-fit"] += wide
+        means = self._wide_means(reference, layers, grams, ctx, result)
         levels = dict(zip([layer.name for layer in layers],
                           self._levels(reference, layers, grams, ctx, result), strict=True))
         taken, records = taken_names(graph), {}
@@ -129,7 +125,7 @@ class PruneWeights(Pass):
                              f"{layer.name} to {levels[layer.name]:g}")
                 new, records[layer.name] = recover.prune_layer(
                     layer, levels[layer.name], grams.get(layer.name),
-                    inputs.get(layer.name), self.options)
+                    inputs.get(layer.name), self.options, means.get(layer.name))
                 _set_dense(layer, new, taken)
         result.layers = [records[layer.name] for layer in layers]
         if self.options.distill_steps and self.options.recovery and ctx.calib:
@@ -150,6 +146,21 @@ class PruneWeights(Pass):
         batches = subset(ctx.calib, o.refit_samples)
         fitting = [layer for layer in layers if gram.fits(layer)]
         return gram.collect_grams(model, fitting, batches, ctx.progress) if fitting else {}
+
+    def _wide_means(self, reference, layers, grams, ctx, result: PassResult) -> dict:
+        """Mean inputs of the layers too wide for their Gram matrix (gram.MAX_GRAM_BYTES)
+        when the others have one: they are masked by magnitude and, with recovery, their
+        bias corrected for the mean of what was removed."""
+        wide = [layer for layer in layers if layer.name not in grams]
+        if not grams or not wide:
+            return {}
+        cap = f"input Gram matrix above {gram.MAX_GRAM_BYTES / 2**20:g} MB: pruned by magnitude"
+        if not self.options.recovery:
+            result.declined[cap] += len(wide)
+            return {}
+        result.declined[f"{cap}, bias corrected"] += len(wide)
+        batches = subset(ctx.calib, self.options.refit_samples)
+        return gram.input_means(reference, wide, batches, ctx.progress)
 
     def _levels(self, reference, layers, grams, ctx, result: PassResult) -> list[float]:
         o = self.options
