@@ -210,40 +210,37 @@ def _positions(layer: Layer, x: np.ndarray) -> int:
 def collect_grams(model, layers: list[Layer], batches: list[dict],
                   progress=lambda m: None) -> dict[str, np.ndarray]:
     """H of every layer (by name) over ``batches``, streamed through onnxruntime."""
-    grams: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
-    for values in _inputs(model, layers, batches, progress):
-        for layer in layers:
-            x = values[layer.input_name].astype(np.float32)
-            grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=row_cap(batches))
-    return {layer.name: shrunk(grams[layer.name]) if layer.has_bias_slot else grams[layer.name]
-            for layer in layers}
+    return collect(model, layers, [], batches, progress)[0]
 
 
-def input_means(model, layers: list[Layer], batches: list[dict],
-                progress=lambda m: None) -> dict[str, np.ndarray]:
-    """Mean input patch [G, K] of every layer over ``batches`` (the same rows H would
-    use): what a layer pruned without its H needs for its bias correction."""
-    sums = {layer.name: 0.0 for layer in layers}
-    counts = dict.fromkeys(sums, 0)
-    for values in _inputs(model, layers, batches, progress):
-        for layer in layers:
-            x = values[layer.input_name].astype(np.float32)
-            r = patches(layer, x, _pick(layer, x, row_cap(batches)))
-            sums[layer.name] = sums[layer.name] + r.sum(axis=0, dtype=np.float64)
-            counts[layer.name] += r.shape[0]
-    return {name: total / max(counts[name], 1) for name, total in sums.items()}
-
-
-def _inputs(model, layers: list[Layer], batches: list[dict], progress):
-    """The input tensors of ``layers`` for each batch, from one onnxruntime session."""
-    names = sorted({layer.input_name for layer in layers})
+def collect(model, layers: list[Layer], wide: list[Layer], batches: list[dict],
+            progress=lambda m: None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(H of every layer of ``layers``, mean input patch [G, K] of every layer of
+    ``wide``) by name, in one sweep over ``batches``. The means are over the rows H
+    would use: what a layer pruned without its H needs for its bias correction."""
+    names = sorted({layer.input_name for layer in [*layers, *wide]})
     runner = validate.Runner(validate.with_outputs(model, names, only=True), optimization="basic")
+    grams: dict[str, np.ndarray | None] = {layer.name: None for layer in layers}
+    sums = {layer.name: 0.0 for layer in wide}
+    counts = dict.fromkeys(sums, 0)
+    cap = row_cap(batches)
     try:
         for i, batch in enumerate(batches):
-            yield runner.run_batch(batch)
+            values = runner.run_batch(batch)
+            for layer in layers:
+                x = values[layer.input_name].astype(np.float32)
+                grams[layer.name] = gram_add(grams[layer.name], layer, x, cap=cap)
+            for layer in wide:
+                x = values[layer.input_name].astype(np.float32)
+                r = patches(layer, x, _pick(layer, x, cap))
+                sums[layer.name] = sums[layer.name] + r.sum(axis=0, dtype=np.float64)
+                counts[layer.name] += r.shape[0]
             progress(f"pruning statistics: batch {i + 1}/{len(batches)}")
     finally:
         runner.close()
+    return ({layer.name: shrunk(grams[layer.name]) if layer.has_bias_slot else
+             grams[layer.name] for layer in layers},
+            {name: total / max(counts[name], 1) for name, total in sums.items()})
 
 
 def shrunk(h: np.ndarray | None) -> np.ndarray | None:

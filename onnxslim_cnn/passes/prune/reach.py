@@ -15,6 +15,8 @@ REACH_SAMPLES images per layer. ``network_curves`` measures whole curves this wa
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -68,7 +70,8 @@ def network_curves(model: onnx.ModelProto, layers: list[gram.Layer], grams: dict
         h, w = grams.get(layer.name), gram.augmented(layer)
         k = layer.matrix().shape[2]
         factor = None if h is None else obs.inverse_factor(h)
-        masks = allocate.keep_masks(np.abs(layer.matrix()), NETWORK_LEVELS)
+        masks = repeat(None, len(NETWORK_LEVELS)) if h is not None else \
+            allocate.keep_masks(np.abs(layer.matrix()), NETWORK_LEVELS)
         points = [0.0]
         for level, keep in zip(NETWORK_LEVELS, masks, strict=True):
             new = obs.prune(h, w, k, sparsity=level, factor=factor)[0] if h is not None \

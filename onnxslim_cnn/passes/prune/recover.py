@@ -62,7 +62,7 @@ def prune_layer(layer: gram.Layer, level: float, h: np.ndarray | None,
         h: Gram matrix on the original inputs (None: no data, or a layer too wide for
             it: mask by magnitude only).
         seq: (Hp, C) on the pruned model's inputs (sequence.wave_grams) or None.
-        mean: the mean input patch [G, K] of a layer without ``h`` (gram.input_means):
+        mean: the mean input patch [G, K] of a layer without ``h`` (gram.collect):
             with recovery its bias absorbs the mean of what was removed,
             b' = b + (w - w') . mu, so that E[y'] = E[y] on the calibration data.
     """

@@ -113,8 +113,7 @@ class PruneWeights(Pass):
         if not layers:
             return result
         reference = gs.export_onnx(graph, do_type_check=False)
-        grams = self._grams(reference, layers, ctx)
-        means = self._wide_means(reference, layers, grams, ctx, result)
+        grams, means = self._statistics(reference, layers, ctx, result)
         levels = dict(zip([layer.name for layer in layers],
                           self._levels(reference, layers, grams, ctx, result), strict=True))
         taken, records = taken_names(graph), {}
@@ -137,30 +136,24 @@ class PruneWeights(Pass):
         _summarize(result)
         return result
 
-    def _grams(self, model, layers, ctx: PassContext) -> dict[str, np.ndarray]:
+    def _statistics(self, model, layers, ctx: PassContext, result: PassResult
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(H of the layers within gram.MAX_GRAM_BYTES, mean input of those above it)
+        from one sweep over the data. The wide layers are masked by magnitude and, with
+        recovery, their bias corrected for the mean of what was removed."""
         o = self.options
         wanted = o.recovery or o.score == "activation" or (
             o.threshold is None and o.allocation != "uniform")
-        if not ctx.calib or not wanted:
-            return {}
-        batches = subset(ctx.calib, o.refit_samples)
         fitting = [layer for layer in layers if gram.fits(layer)]
-        return gram.collect_grams(model, fitting, batches, ctx.progress) if fitting else {}
-
-    def _wide_means(self, reference, layers, grams, ctx, result: PassResult) -> dict:
-        """Mean inputs of the layers too wide for their Gram matrix (gram.MAX_GRAM_BYTES)
-        when the others have one: they are masked by magnitude and, with recovery, their
-        bias corrected for the mean of what was removed."""
-        wide = [layer for layer in layers if layer.name not in grams]
-        if not grams or not wide:
-            return {}
-        cap = f"input Gram matrix above {gram.MAX_GRAM_BYTES / 2**20:g} MB: pruned by magnitude"
-        if not self.options.recovery:
+        if not ctx.calib or not wanted or not fitting:
+            return {}, {}
+        wide = [layer for layer in layers if not gram.fits(layer)]
+        if wide:
+            cap = f"input Gram matrix above {gram.MAX_GRAM_BYTES / 2**20:g} MB: pruned by " \
+                  f"magnitude{', bias corrected' if o.recovery else ''}"
             result.declined[cap] += len(wide)
-            return {}
-        result.declined[f"{cap}, bias corrected"] += len(wide)
-        batches = subset(ctx.calib, self.options.refit_samples)
-        return gram.input_means(reference, wide, batches, ctx.progress)
+        batches = subset(ctx.calib, o.refit_samples)
+        return gram.collect(model, fitting, wide if o.recovery else [], batches, ctx.progress)
 
     def _levels(self, reference, layers, grams, ctx, result: PassResult) -> list[float]:
         o = self.options

@@ -11,6 +11,7 @@ dimension for D = 576). Sums of x and x x^T are accumulated in float64:
 A site that sees fewer rows than its D (a Gemm: one row per sample) keeps the rows
 instead, centred (factor.Samples): VGG-19's fc6 with 100 images is 100 x 25088 numbers,
 not a 25088^2 float64 matrix of 5 GB whose products cost 2.6 TFLOP.
+
 Sites are measured in groups whose covariances together hold at most ``MAX_ENTRIES``
 numbers (ResNet-50 would need ~1 GB at once); each group is one sweep over the data.
 """
