@@ -126,31 +126,159 @@ def test_prune_channels_depthwise_and_flatten_gemm_follow():
     assert {a.name: a.i for a in dw.attribute}["group"] == 6
 
 
-CONCAT = """
+#  x -> A -> Relu \
+#  x -> B -> Relu -> Concat -> BN -> MaxPool -> C -> y      (Inception's branches)
+#                           \-> D -> z
+INCEPTION = """
 <ir_version: 8, opset_import: ["" : 13]>
-g (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y, float[N, 4, 8, 8] z) {
+g (float[N, 4, 8, 8] x) => (float[N, 5, 4, 4] y, float[N, 3, 8, 8] z) {
+    a = Conv (x, wa, ba)
+    ra = Relu (a)
+    b = Conv <pads = [1, 1, 1, 1]> (x, wb, bb)
+    rb = Relu (b)
+    k = Concat <axis = 1> (ra, rb)
+    n = BatchNormalization (k, s, t, m, v)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (n)
+    y = Conv <pads = [1, 1, 1, 1]> (p, wc, bc)
+    z = Conv (k, wd, bd)
+}
+"""
+
+
+def inception_weights(scale=1.0):
+    return {"wa": rand((8, 4, 1, 1), 1, 0.5), "ba": rand((8,), 2, 0.1),
+            "wb": rand((8, 4, 3, 3), 3, 0.3), "bb": rand((8,), 4, 0.1),
+            "s": rand((16,), 5, 0.3) + 1, "t": rand((16,), 6, 0.1),
+            "m": rand((16,), 7, 0.1), "v": np.abs(rand((16,), 8)) + 0.5,
+            "wc": rand((5, 16, 3, 3), 9, 0.2 * scale), "bc": rand((5,), 10, 0.1),
+            "wd": rand((3, 16, 1, 1), 11, 0.3 * scale), "bd": rand((3,), 12, 0.1)}
+
+
+def test_prune_channels_concat_prunes_each_input_at_its_offset():
+    model = make_model(INCEPTION, inception_weights())
+    out, result = apply_pass(PruneChannels, model, {"recovery": False, "channel_ratio": 0.25,
+                                                    "channel_score": "l2"})
+    assert [r["layer"] for r in result.layers] == ["a", "b"]
+    assert weight_shapes(out) == {"a": (6, 4, 1, 1), "b": (6, 4, 3, 3), "y": (5, 12, 3, 3),
+                                  "z": (3, 12, 1, 1)}
+    bn = next(n for n in out.graph.node if n.op_type == "BatchNormalization")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    removed = [r["removed"] for r in result.layers]
+    kept = np.setdiff1d(np.arange(16), removed[0] + [8 + c for c in removed[1]])
+    np.testing.assert_array_equal(inits[bn.input[1]], inception_weights()["s"][kept])
+    feed = {"x": rand((4, 4, 8, 8), 42)}
+    masked = run(masked_model(model, result), feed)
+    for name, value in run(out, feed).items():
+        np.testing.assert_allclose(value, masked[name], rtol=RTOL, atol=ATOL)
+    assert not np.allclose(masked["y"], run(model, feed)["y"], rtol=1e-3, atol=1e-3)
+
+
+#  x -> S -> Relu -> *0.5 -> F1 -> Concat(r0, f1) -> BN -> Mul -> Add -> Relu -> F2
+#    -> Concat(k1, f2) -> Y -> y
+#  (DenseNet: a Concat's output is concatenated again, S's channels are in both; Caffe2's
+#  BN is followed by a per-channel Mul and Add of constants)
+DENSE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4, 8, 8] x) => (float[N, 6, 8, 8] y) {
+    s = Conv (x, ws, bs)
+    r0 = Relu (s)
+    h0 = Mul (r0, half)
+    f1 = Conv <pads = [1, 1, 1, 1]> (h0, w1, b1)
+    k1 = Concat <axis = 1> (r0, f1)
+    n1 = BatchNormalization (k1, g1, t1, m1, v1)
+    u1 = Mul (n1, sc)
+    a1 = Sub (u1, sh)
+    q1 = Relu (a1)
+    f2 = Conv <pads = [1, 1, 1, 1]> (q1, w2, b2)
+    k2 = Concat <axis = 1> (k1, f2)
+    y = Conv (k2, wy, by)
+}
+"""
+
+
+def test_prune_channels_nested_concat_follows_every_offset():
+    model = make_model(DENSE, {
+        "ws": rand((8, 4, 1, 1), 1, 0.5), "bs": rand((8,), 2, 0.1),
+        "w1": rand((4, 8, 3, 3), 3, 0.3), "b1": rand((4,), 4, 0.1),
+        "g1": rand((12,), 5, 0.3) + 1, "t1": rand((12,), 6, 0.1),
+        "m1": rand((12,), 7, 0.1), "v1": np.abs(rand((12,), 8)) + 0.5,
+        "half": np.array(0.5, np.float32), "sc": rand((12, 1, 1), 13, 0.2) + 1,
+        "sh": rand((1, 12, 1, 1), 14, 0.2),
+        "w2": rand((4, 12, 3, 3), 9, 0.3), "b2": rand((4,), 10, 0.1),
+        "wy": rand((6, 16, 1, 1), 11, 0.3), "by": rand((6,), 12, 0.1)})
+    out, result = check_exact(model, {"channel_ratio": 0.25, "channel_score": "l1"})
+    assert [r["layer"] for r in result.layers] == ["s", "f1", "f2"]
+    assert weight_shapes(out) == {"s": (6, 4, 1, 1), "f1": (3, 6, 3, 3),
+                                  "f2": (3, 9, 3, 3), "y": (6, 12, 1, 1)}
+    inits = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    assert [inits[n.input[1]] for n in out.graph.node if n.op_type in ("Mul", "Sub")] == [
+        (), (9, 1, 1), (1, 9, 1, 1)]
+
+
+def test_prune_channels_concat_activation_score_counts_readers_at_the_offset():
+    """Channel c of A (offset 0) and of B (offset 8) is scored by what C and D read
+    there: a channel whose Concat columns are zero in both readers is removed first."""
+    weights = inception_weights()
+    for name in ("wc", "wd"):
+        weights[name][:, [5, 8 + 2]] = 0
+    model = make_model(INCEPTION, weights)
+    ctx = PassContext(calib=[{"x": rand((8, 4, 8, 8), 100)}])
+    _, result = apply_pass(PruneChannels, model, {"recovery": False, "channel_ratio": 0.125},
+                           ctx)
+    assert [(r["layer"], r["removed"]) for r in result.layers] == [("a", [5]), ("b", [2])]
+
+
+def test_prune_channels_recovery_lowers_error_through_concat():
+    model = make_model(INCEPTION, inception_weights())
+    ctx = PassContext(calib=[{"x": rand((8, 4, 8, 8), 100 + i)} for i in range(3)])
+    plain, _ = apply_pass(PruneChannels, model, {"recovery": False}, ctx)
+    fitted, result = apply_pass(PruneChannels, model, {}, ctx)
+    assert result.stats["consumers_refitted"] == 2  # y and z read the Concat
+    feed = {"x": rand((16, 4, 8, 8), 999)}
+    ref, got_plain, got_fit = run(model, feed), run(plain, feed), run(fitted, feed)
+    for name in ("y", "z"):
+        err_plain = np.linalg.norm(got_plain[name] - ref[name])
+        assert np.linalg.norm(got_fit[name] - ref[name]) < 0.8 * err_plain
+
+
+DECLINES = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y, float[N, 4, 8, 8] z, float[N, 4, 8, 4] w,
+                           float[N, 4, 16, 8] u) {
     a = Conv (x, wa, ba)
     b = Conv (x, wb, bb)
-    k = Concat <axis = 1> (a, b)
-    y = Conv (k, wc, bc)
+    y = Concat <axis = 1> (a, b)
     h = Conv (x, wh, bh)
     g = Conv <group = 2> (h, wg, bg)
     z = Conv (g, wz, bz)
+    c = Conv (x, wc, bc)
+    e = Conv (x, we, be)
+    k = Concat <axis = 2> (c, e)
+    u = Conv (k, wu, bu)
+    f = Conv (x, wf, bf)
+    i = Conv (x, wi, bi)
+    l = Concat <axis = 1> (f, i)
+    j = Conv (x, wj, bj)
+    q = Add (l, j)
+    w = Conv <strides = [1, 2]> (q, ww, bw)
 }
 """
 
 
 def test_prune_channels_concat_grouped_and_outputs_decline():
-    model = make_model(CONCAT, {
-        "wa": rand((4, 4, 1, 1), 1), "ba": rand((4,), 2), "wb": rand((4, 4, 1, 1), 3),
-        "bb": rand((4,), 4), "wc": rand((8, 8, 1, 1), 5), "bc": rand((8,), 6),
-        "wh": rand((4, 4, 1, 1), 11), "bh": rand((4,), 12),
-        "wg": rand((4, 2, 1, 1), 7), "bg": rand((4,), 8),
-        "wz": rand((4, 4, 1, 1), 9), "bz": rand((4,), 10)})
-    _, result = apply_pass(PruneChannels, model, {"recovery": False})
+    """A Concat that is a graph output, one along the height axis, and one whose sum
+    with a Conv's output mixes channels: their inputs are declined with the reason."""
+    weights = {n: rand((4, 4, 1, 1), i) for i, n in enumerate(
+        ["wa", "wb", "wh", "wz", "wc", "we", "wu", "wf", "wi", "ww"])}
+    weights.update({n.replace("w", "b", 1): rand((4,), 20 + i) for i, n in
+                    enumerate(list(weights))})
+    weights.update({"wg": rand((4, 2, 1, 1), 40), "bg": rand((4,), 41),
+                    "wj": rand((8, 4, 1, 1), 42), "bj": rand((8,), 43),
+                    "ww": rand((4, 8, 1, 1), 44)})
+    _, result = apply_pass(PruneChannels, make_model(DECLINES, weights), {"recovery": False})
     assert not result.changed
-    assert result.declined == {"channels coupled through Concat": 2,
-                               "a tensor is a graph input or output": 2,
+    assert result.declined == {"channels coupled through Concat": 5,  # c, e; f, i, j
+                               "a tensor is a graph input or output": 5,  # a, b; z, u, w
                                "grouped (not depthwise) Conv": 1}
 
 
@@ -240,11 +368,12 @@ def light_resnet50(tmp_path_factory):
     return light.materialize("resnet50", tmp_path_factory.mktemp("light"))
 
 
-@pytest.mark.parametrize("which", ["resnet8", "light_resnet50"])
-def test_prune_channels_real_resnets_equal_their_masked_original(which, request):
-    """25 % of the channels of the real ResNet-8 and of the onnx package's ResNet-50 (BN
-    folded first, as in the pipeline; recovery off): the pruned graph computes what the
-    masked original computes, and its convolutions are smaller."""
+@pytest.mark.parametrize("which", ["resnet8", "light_resnet50", "squeezenet"])
+def test_prune_channels_real_models_equal_their_masked_original(which, request):
+    """25 % of the channels of the real ResNet-8, of the onnx package's ResNet-50 and of
+    the real SqueezeNet 1.1 (its fire modules' expand convs are concatenated; BN folded
+    first, as in the pipeline; recovery off): the pruned graph computes what the masked
+    original computes, and its convolutions are smaller."""
     from onnxslim_cnn.passes.fold_bn import FoldBatchNorm
 
     from .helpers import shared_model
@@ -252,12 +381,17 @@ def test_prune_channels_real_resnets_equal_their_masked_original(which, request)
     if which == "resnet8":
         model = onnx.load(str(shared_model("resnet8_cifar10_mlperf_tiny")))
         shape = (2, 3, 32, 32)
+    elif which == "squeezenet":
+        model = onnx.load(str(shared_model("squeezenet1.1_caffe2_fp32")))
+        shape = (1, 3, 224, 224)
     else:
         model = onnx.load(str(request.getfixturevalue("light_resnet50")))
         shape = (1, 3, 224, 224)
     model, _ = apply_pass(FoldBatchNorm, model, {})
     out, result = apply_pass(PruneChannels, model, {"recovery": False, "channel_ratio": 0.25})
     assert result.changed and result.stats["channels_removed"] > 0
+    if which == "squeezenet":  # every conv but the classifier (Softmax reads it)
+        assert result.stats["spaces_pruned"] == 25
     name = next(i.name for i in model.graph.input
                 if i.name not in {t.name for t in model.graph.initializer})
     feed = {name: rand(shape, 3)}

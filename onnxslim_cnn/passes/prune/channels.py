@@ -8,13 +8,16 @@ After:   x -> Conv1(W1[K], b1[K]) -> BN[K] -> Relu -> Conv2(W2'[:, K], b2') -> y
 with K the kept channels. Channels coupled through residual Add (both branches and
 what reads the sum), BN and depthwise convs are pruned together as one space
 (spaces.py); a Gemm after Flatten of [N, C, 1, 1] loses the columns of the removed
-channels.
+channels. A space concatenated along channels (Inception's branches, SqueezeNet's fire
+expands, DenseNet's layers) is pruned on its own: what reads the Concat loses the
+removed channels at the space's offset there.
 
 Ranking: per space, the fraction ``channel_ratio`` of its C channels with the lowest
 importance is removed (floor(ratio * C), at least one channel kept). Importance:
     l2 / l1:     sum over producers p of ||W_p[c]|| / mean_c ||W_p[c]||
     activation:  sum over consumers of sum_{o, i in c} W[o, i]^2 H[i, i]
-                 (the consumer output energy carried by channel c on the data)
+                 (the consumer output energy carried by channel c on the data; the
+                 consumers of a Concat holding the space read c at its offset)
 Without recovery the result equals ``mask``'s model (the channels zeroed, see
 spaces.py) up to float summation order. With ``recovery`` every consumer is re-fitted
 by least squares on the original model's calibration inputs (gram.py), with the
@@ -22,8 +25,9 @@ channel's columns removed:
     [W2', b2'] = argmin ||X_K W2'^T + b2' - (X W2^T + b2)||^2   (+ small ridge)
 so the bias absorbs the mean the removed channels carried.
 
-Declines: per space, the reason from ``spaces.check`` (Concat, grouped conv, graph
-output, shared weight, Flatten over H*W > 1 ...) or "fewer channels than 1/ratio".
+Declines: per space, the reason from ``spaces.check`` (a Concat along another axis or
+added to a Conv's output, grouped conv, graph output, shared weight, Flatten over
+H*W > 1 ...) or "fewer channels than 1/ratio".
 """
 
 from __future__ import annotations
@@ -73,37 +77,34 @@ class PruneChannels(Pass):
         reference = gs.export_onnx(graph, do_type_check=False)
         grams = self._grams(reference, chosen, ctx)
         removed = {space.name: self._removed(space, grams) for space in chosen}
-        kept = {name: np.setdiff1d(np.arange(space.channels()), removed[name])
-                for name, space in zip(removed, chosen, strict=True)}
+        kept = _kept(chosen, removed)
         for space in chosen:
             result.layers.append({"layer": space.name, "channels": int(space.channels()),
                                   "removed": [int(c) for c in removed[space.name]]})
-        _mask_spaces(chosen, removed)  # the exact reference of the slicing below
+        _mask_spaces(kept)  # the exact reference of the slicing below
         if self.options.recovery and grams:
-            refitted = self._refit(graph, chosen, kept, reference, grams, ctx)
+            refitted = self._refit(graph, kept, reference, grams, ctx)
             result.stats["consumers_refitted"] = refitted
         edits = _Edits()
-        for space in chosen:
-            _slice(space, kept[space.name], edits)
+        for space, keep in kept:
+            _slice(space, np.flatnonzero(keep), edits)
         result.stats.update(spaces_pruned=len(chosen), params_removed=edits.install(graph),
                             channels_removed=sum(len(r["removed"]) for r in result.layers))
         result.changed = True
         return result
 
-    def _refit(self, graph, chosen, kept, reference, grams, ctx: PassContext) -> int:
+    def _refit(self, graph, kept, reference, grams, ctx: PassContext) -> int:
         """Re-fit every consumer, in graph order, on what reaches it (module docstring)."""
         order = {id(node): i for i, node in enumerate(graph.nodes)}
-        sites = sorted(((_layer(c), space) for space in chosen for c in space.consumers),
+        sites = sorted(((_layer(c), keep) for space, keep in kept for c in space.consumers),
                        key=lambda site: order[id(site[0])])
         taken, batches, done = taken_names(graph), subset(ctx.calib, self.options.refit_samples), 0
-        for node, space in sites:
+        for node, keep_channels in sites:
             layer = gram.layer_of(node)
             if isinstance(layer, str) or layer.name not in grams:
                 continue
             w = gram.augmented(layer)
-            cols = np.zeros(space.channels(), bool)
-            cols[kept[space.name]] = True
-            cols = np.repeat(cols, (w.shape[2] - 1) // space.channels())
+            cols = np.repeat(keep_channels, (w.shape[2] - 1) // keep_channels.size)
             keep = np.broadcast_to(cols, (1, w.shape[1], cols.size))
             h, cross = grams[layer.name], None
             if self.options.sequential:
@@ -131,7 +132,7 @@ class PruneChannels(Pass):
         wanted = self.options.recovery or self.options.channel_score == "activation"
         if not ctx.calib or not wanted:
             return {}
-        layers = [gram.layer_of(_layer(c)) for s in chosen for c in s.consumers]
+        layers = [gram.layer_of(_layer(c)) for s in _touched(chosen) for c in s.consumers]
         # a consumer too wide for its Gram matrix (gram.MAX_GRAM_BYTES) keeps its weights
         layers = [v for v in layers if not isinstance(v, str) and gram.fits(v)]
         if not layers:  # no consumer with a weight to score or re-fit by
@@ -147,10 +148,13 @@ class PruneChannels(Pass):
 
 def importance(space: spaces.Space, how: str, grams: dict) -> np.ndarray:
     """Per-channel importance of ``space`` (module docstring)."""
-    views = [gram.layer_of(_layer(c)) for c in space.consumers]
-    if how == "activation" and views and all(
-            not isinstance(v, str) and v.name in grams for v in views):
-        return sum(_consumer_energy(v, space.channels(), grams[v.name]) for v in views)
+    size = space.channels()
+    readers = [(gram.layer_of(_layer(c)), whole.channels(), offset)
+               for whole, offset in [(space, 0), *space.views] for c in whole.consumers]
+    if how == "activation" and readers and all(
+            not isinstance(v, str) and v.name in grams for v, _, _ in readers):
+        return sum(_consumer_energy(v, count, grams[v.name])[offset: offset + size]
+                   for v, count, offset in readers)
     order = 1 if how == "l1" else 2
     total = np.zeros(space.channels())
     for p in space.producers:
@@ -164,6 +168,25 @@ def _consumer_energy(layer: gram.Layer, channels: int, h: np.ndarray) -> np.ndar
     m = layer.matrix()[0].astype(np.float64)  # [O, K], K = channels * kernel area
     per_column = np.sum(m * m, axis=0) * np.diag(h[0])[:m.shape[1]]
     return per_column.reshape(channels, -1).sum(axis=1)
+
+
+def _touched(chosen: list[spaces.Space]) -> list[spaces.Space]:
+    """The chosen spaces and the Concat spaces holding them, each once."""
+    found = {id(s): s for s in chosen}
+    found.update((id(w), w) for s in chosen for w, _ in s.views)
+    return list(found.values())
+
+
+def _kept(chosen: list[spaces.Space], removed) -> list[tuple[spaces.Space, np.ndarray]]:
+    """(space, kept-channel mask) for every space the removal touches: each chosen space
+    (``removed`` by name) and each Concat space holding one (at its offset there)."""
+    masks = {id(s): (s, np.ones(s.channels(), bool)) for s in _touched(chosen)}
+    for space in chosen:
+        drop = np.asarray(removed[space.name], np.int64)
+        masks[id(space)][1][drop] = False
+        for whole, offset in space.views:
+            masks[id(whole)][1][offset + drop] = False
+    return list(masks.values())
 
 
 def _layer(node: gs.Node) -> gs.Node:
@@ -185,16 +208,19 @@ def _set_layer(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:
 def _slice(space: spaces.Space, kept: np.ndarray, edits: _Edits) -> None:
     for p in space.producers:
         for index in (1, 2):
-            edits.take(p, index, kept, axis=0)
+            edits.take(p, index, 0, kept)
     for node in space.slices:
+        if node.op in ("Mul", "Add", "Sub"):
+            edits.take(node, *spaces.channel_constant(node), kept=kept)
+            continue
         for index in (1, 2, 3, 4) if node.op == "BatchNormalization" else (1, 2):
-            edits.take(node, index, kept, axis=0)
+            edits.take(node, index, 0, kept)
         if node.op == "Conv":
             edits.attrs[id(node)] = {"group": int(kept.size)}
     for consumer in space.consumers:
         layer = _layer(consumer)
         axis = 1 if layer.op == "Conv" or layer.attrs.get("transB", 0) else 0
-        edits.take(layer, 1, kept, axis=axis)
+        edits.take(layer, 1, axis, kept)
 
 
 class _Edits:
@@ -215,7 +241,7 @@ class _Edits:
     def set(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         self.values.setdefault(id(node), (node, {}))[1][index] = value
 
-    def take(self, node: gs.Node, index: int, kept: np.ndarray, axis: int) -> None:
+    def take(self, node: gs.Node, index: int, axis: int, kept: np.ndarray) -> None:
         value = self.get(node, index)
         if value is not None:
             self.set(node, index, np.take(value, kept, axis=axis))
@@ -242,14 +268,21 @@ def mask(graph: gs.Graph, removed: dict[str, list[int]]) -> int:
     spaces.py): the model prune-channels without recovery must reproduce. Returns the
     number of spaces masked."""
     chosen = [s for s in spaces.find_spaces(graph) if s.name in removed]
-    _mask_spaces(chosen, removed)
+    _mask_spaces(_kept(chosen, removed))
     return len(chosen)
 
 
-def _mask_spaces(chosen: list[spaces.Space], removed) -> None:
-    for space in chosen:
-        drop = np.asarray(removed[space.name], np.int64)
+def _mask_spaces(kept: list[tuple[spaces.Space, np.ndarray]]) -> None:
+    for space, keep in kept:
+        drop = np.flatnonzero(~keep)
         for node in space.producers + space.slices:
+            if node.op in ("Mul", "Add", "Sub"):  # Mul keeps 0 at 0; a shift is zeroed
+                index, axis = spaces.channel_constant(node)
+                if node.op != "Mul":
+                    value = const_value(node.inputs[index]).copy()
+                    np.moveaxis(value, axis, 0)[drop] = 0
+                    node.inputs[index] = gs.Constant(f"{node.inputs[index].name}_masked", value)
+                continue
             indices = (2, 3) if node.op == "BatchNormalization" else (1, 2)
             for index in indices:
                 if len(node.inputs) > index and node.inputs[index].name:
