@@ -126,6 +126,28 @@ def test_prune_channels_depthwise_and_flatten_gemm_follow():
     assert {a.name: a.i for a in dw.attribute}["group"] == 6
 
 
+def test_prune_channels_reshape_to_rows_then_gemm_follows():
+    """Inception v1's head: GlobalAveragePool -> Reshape to [N, C] by a constant target
+    (C written out) -> Gemm. The target shape is rewritten with the kept count."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 3] y) {
+        a = Conv (x, wa, ba)
+        r = Relu (a)
+        p = GlobalAveragePool (r)
+        f = Reshape (p, shape)
+        y = Gemm <transB = 1> (f, wg, bg)
+    }
+    """
+    model = make_model(text, {"wa": rand((8, 4, 1, 1), 1, 0.5), "ba": rand((8,), 2, 0.2),
+                              "shape": np.array([-1, 8], np.int64),
+                              "wg": rand((3, 8), 5, 0.5), "bg": rand((3,), 6, 0.1)})
+    out, _ = check_exact(model, {"channel_ratio": 0.25})
+    assert weight_shapes(out) == {"a": (6, 4, 1, 1), "y": (3, 6)}
+    target = next(i for i in out.graph.initializer if i.data_type == onnx.TensorProto.INT64)
+    assert onnx.numpy_helper.to_array(target).tolist() == [-1, 6]
+
+
 #  x -> A -> Relu \
 #  x -> B -> Relu -> Concat -> BN -> MaxPool -> C -> y      (Inception's branches)
 #                           \-> D -> z

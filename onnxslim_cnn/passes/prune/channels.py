@@ -191,7 +191,7 @@ def _kept(chosen: list[spaces.Space], removed) -> list[tuple[spaces.Space, np.nd
 
 def _layer(node: gs.Node) -> gs.Node:
     """The Conv/Gemm whose weight a consumer role refers to (Flatten -> its Gemm)."""
-    return node.outputs[0].outputs[0] if node.op == "Flatten" else node
+    return node.outputs[0].outputs[0] if node.op in spaces.FLATTENS else node
 
 
 def _set_layer(layer: gram.Layer, new: np.ndarray, taken: set[str]) -> None:
@@ -221,6 +221,10 @@ def _slice(space: spaces.Space, kept: np.ndarray, edits: _Edits) -> None:
         layer = _layer(consumer)
         axis = 1 if layer.op == "Conv" or layer.attrs.get("transB", 0) else 0
         edits.take(layer, 1, axis, kept)
+        if consumer.op == "Reshape":  # its target [N, C] (C may be written out)
+            target = const_value(consumer.inputs[1]).copy()
+            target[1] = kept.size
+            edits.set(consumer, 1, target)
 
 
 class _Edits:

@@ -10,7 +10,8 @@ touching a space has a role:
     producer  Conv (group 1) writing the space: rows W[c], b[c]
     slice     BN parameters [c]; depthwise W[c], b[c] and its group; a per-channel
               constant [c] of Mul/Add/Sub
-    consumer  Conv (group 1) reading it: W[:, c]; Gemm after Flatten of [N, C, 1, 1]:
+    consumer  Conv (group 1) reading it: W[:, c]; Gemm after Flatten (or Reshape with a
+              constant target) of [N, C, 1, 1] into [N, C]:
               B[:, c] (transB) or B[c, :]
 A Concat along the channel axis of 4-D activations writes a space of its own (its
 ``writer``, no producer) in which each input's space is a *view*: its channels at the
@@ -46,6 +47,7 @@ from ..base import const_value
 PASSTHROUGH = {"Relu", "LeakyRelu", "Identity", "Dropout", "MaxPool", "AveragePool",
                "GlobalAveragePool", "GlobalMaxPool"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Max", "Min", "Sum"}
+FLATTENS = {"Flatten", "Reshape"}  # of [N, C, 1, 1] into [N, C], read by a Gemm
 
 
 @dataclass
@@ -166,7 +168,7 @@ def _roles(node: gs.Node, union: _Union) -> list[tuple[str, str, gs.Node]]:
         for t in acts:
             union.join(t.name, out)
         return []
-    if node.op == "Flatten" and acts:
+    if node.op in FLATTENS and acts:
         return [(acts[0].name, _flatten_role(node), node)]
     if node.op == "Concat" and _channel_concat(node):
         return [(out, "writers", node)]
@@ -193,11 +195,21 @@ def _flatten_role(node: gs.Node) -> str:
     users = node.outputs[0].outputs
     if node.attrs.get("axis", 1) != 1 or shape is None or len(shape) != 4 or \
             not all(isinstance(d, int) and d == 1 for d in shape[2:]):
-        return "Flatten over C x H x W with H*W > 1 (or unknown)"
+        return f"{node.op} over C x H x W with H*W > 1 (or unknown)"
+    if node.op == "Reshape" and not _reshapes_to_rows(node):
+        return "Reshape to other than [N, C] (or a shape computed at run time)"
     if len(users) != 1 or users[0].op != "Gemm" or const_value(users[0].inputs[1]) is None \
             or users[0].attrs.get("transA", 0):
         return "Flatten output is not read by one Gemm with a constant weight"
     return "consumers"
+
+
+def _reshapes_to_rows(node: gs.Node) -> bool:
+    """A Reshape of [N, C, ...] to [N, C] by a constant target shape (two entries)."""
+    target = const_value(node.inputs[1]) if len(node.inputs) == 2 else None
+    out = node.outputs[0].shape
+    return target is not None and target.shape == (2,) and out is not None and \
+        len(out) == 2 and out[1] == node.inputs[0].shape[1]
 
 
 def channel_constant(node: gs.Node) -> tuple[int, int] | None:
@@ -270,7 +282,7 @@ def check(space: Space, outputs: set[str]) -> str | None:
             return "channels coupled through Concat"
     for node in [n for s in [space] + [w for w, _ in space.views]
                  for n in s.producers + s.slices + s.consumers]:
-        layer = node if node.op != "Flatten" else node.outputs[0].outputs[0]
+        layer = node if node.op not in FLATTENS else node.outputs[0].outputs[0]
         weight = layer.inputs[1]
         if len(weight.outputs) != 1 or weight.name in outputs:
             return "a weight is shared with another node"
