@@ -248,9 +248,10 @@ def _pass_options(g) -> None:
     g.add_argument("--prune-sequential", dest="sequential", choices=("on", "off"),
                    help="prune-*: re-fit layer by layer on the already pruned model's "
                    "inputs (slower; default off for prune-weights, on for prune-channels)")
-    g.add_argument("--distill-steps", type=int, help="prune-weights, svd-split, "
-                   "cluster-weights: after the per-layer fits, tune the kept weights (the "
-                   "codebooks when clustered) of all compressed layers together towards the "
+    g.add_argument("--distill-steps", type=int, help="prune-weights, prune-channels, "
+                   "svd-split, cluster-weights: after the per-layer fits, tune the kept "
+                   "weights (the codebooks when clustered) of all compressed layers together "
+                   "towards the "
                    "original outputs on the calibration data for this many steps "
                    "(knowledge distillation; default 0: off)")
     g.add_argument("--channel-ratio", type=float, help="prune-channels: fraction of the "

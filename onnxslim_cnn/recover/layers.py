@@ -20,10 +20,13 @@ from .distill import Tie, distill
 
 def tune_nodes(reference: onnx.ModelProto, graph: gs.Graph, nodes: list[gs.Node],
                keep_zeros: bool, ctx: PassContext, steps: int, result: PassResult,
-               taken: set[str], ties: dict[str, Tie] | None = None) -> dict | None:
+               taken: set[str], ties: dict[str, Tie] | None = None,
+               features: list[str] | None = None) -> dict | None:
     """Tune the weight (input 1) and bias (input 2) constants of ``nodes``; with
     ``keep_zeros`` the weights' zeros stay zeros. A weight named in ``ties`` is tuned
-    through its tie's parameters and left in place (the caller encodes them). Stats and
+    through its tie's parameters and left in place (the caller encodes them). The loss
+    matches the logits and ``features`` (default: the outputs of ``nodes`` that the
+    reference has; a pass that changes their shapes names the ones it keeps). Stats and
     declines go to ``result``; returns the tuned values by name, None when declined."""
     ties = ties or {}
     slots = [(node, i) for node in nodes for i in (1, 2)
@@ -35,8 +38,9 @@ def tune_nodes(reference: onnx.ModelProto, graph: gs.Graph, nodes: list[gs.Node]
     for tie in ties.values():
         params.update(tie.init)
         masks.update(tie.masks)
-    known = {t for node in reference.graph.node for t in node.output}
-    features = [node.outputs[0].name for node in nodes if node.outputs[0].name in known]
+    if features is None:
+        known = {t for node in reference.graph.node for t in node.output}
+        features = [node.outputs[0].name for node in nodes if node.outputs[0].name in known]
     student = _sorted_copy(graph)
     ctx.progress(f"distillation of {len(nodes)} layers, {steps} steps")
     try:

@@ -23,7 +23,11 @@ spaces.py) up to float summation order. With ``recovery`` every consumer is re-f
 by least squares on the original model's calibration inputs (gram.py), with the
 channel's columns removed:
     [W2', b2'] = argmin ||X_K W2'^T + b2' - (X W2^T + b2)||^2   (+ small ridge)
-so the bias absorbs the mean the removed channels carried.
+so the bias absorbs the mean the removed channels carried. ``distill_steps`` > 0 then
+tunes the weights and biases of every producer and consumer of the pruned spaces
+together towards the original model's outputs on the calibration data (recover/: the
+per-consumer re-fits leave the error the layers build together); the loss matches the
+logits and the outputs of the consumers that kept their shape.
 
 Declines: per space, the reason from ``spaces.check`` (a Concat along another axis or
 added to a Conv's output, grouped conv, graph output, shared weight, Flatten over
@@ -38,6 +42,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...errors import UsageError
+from ...recover import layers as tuning  # a module: recover.layers imports passes.base
 from ..base import Pass, PassContext, PassResult, const_value, register, taken_names, unique_name
 from ..qdq.bias_correct import subset
 from . import gram, spaces
@@ -52,6 +57,7 @@ class PruneChannelsOptions:
     recovery: bool = True
     sequential: bool = True
     refit_samples: int = 64
+    distill_steps: int = 0
 
 
 @register
@@ -66,6 +72,9 @@ class PruneChannels(Pass):
         if not 0 < self.options.channel_ratio < 1:
             raise UsageError(f"--channel-ratio must be in (0, 1), got "
                              f"{self.options.channel_ratio}")
+        if self.options.distill_steps < 0:
+            raise UsageError(f"--distill-steps must be 0 or more, got "
+                             f"{self.options.distill_steps}")
         if self.options.channel_score not in ("l2", "l1", "activation"):
             raise UsageError(f"unknown channel score '{self.options.channel_score}'")
 
@@ -91,7 +100,18 @@ class PruneChannels(Pass):
         result.stats.update(spaces_pruned=len(chosen), params_removed=edits.install(graph),
                             channels_removed=sum(len(r["removed"]) for r in result.layers))
         result.changed = True
+        if self.options.distill_steps and self.options.recovery and ctx.calib:
+            self._distill(graph, kept, reference, ctx, result)
         return result
+
+    def _distill(self, graph, kept, reference, ctx: PassContext, result: PassResult) -> None:
+        layers = {id(n): n for space, _ in kept for n in space.producers +
+                  [_layer(c) for c in space.consumers]}
+        resized = {id(p) for space, _ in kept for p in space.producers}
+        features = [n.outputs[0].name for i, n in layers.items() if i not in resized]
+        nodes = [n for n in graph.nodes if id(n) in layers]  # graph order
+        tuning.tune_nodes(reference, graph, nodes, False, ctx, self.options.distill_steps,
+                          result, taken_names(graph), features=features)
 
     def _refit(self, graph, kept, reference, grams, ctx: PassContext) -> int:
         """Re-fit every consumer, in graph order, on what reaches it (module docstring)."""
