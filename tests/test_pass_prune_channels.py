@@ -304,6 +304,31 @@ def test_prune_channels_concat_grouped_and_outputs_decline():
                                "grouped (not depthwise) Conv": 1}
 
 
+def test_prune_channels_unfolded_channel_constant_declines_with_advice():
+    """Caffe2's BN scale arrives as Unsqueeze(constant): not yet a constant, the decline
+    says what to run first (and fold-constants then lets the space be pruned)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 3, 8, 8] y) {
+        a = Conv (x, wa, ba)
+        s = Unsqueeze (sc, axes)
+        m = Mul (a, s)
+        y = Conv (m, wy, by)
+    }
+    """
+    model = make_model(text, {"wa": rand((8, 4, 1, 1), 1), "ba": rand((8,), 2),
+                              "sc": rand((8, 1), 3) + 1, "axes": np.array([2], np.int64),
+                              "wy": rand((3, 8, 1, 1), 4), "by": rand((3,), 5)})
+    _, result = apply_pass(PruneChannels, model, {"recovery": False})
+    assert result.declined == {"Mul: its operand is computed from constants by Unsqueeze "
+                               "(run fold-constants first)": 1,
+                               "a tensor is a graph input or output": 1}  # y
+    from onnxslim_cnn.passes.fold_constants import FoldConstants
+
+    folded, _ = apply_pass(FoldConstants, model, {})
+    check_exact(folded, {"channel_ratio": 0.25})
+
+
 def test_prune_channels_flatten_over_spatial_declines():
     text = """
     <ir_version: 8, opset_import: ["" : 13]>

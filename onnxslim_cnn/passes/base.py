@@ -159,7 +159,7 @@ def not_constant(tensor: gs.Tensor, what: str = "weight") -> str:
         return f"{what} is a graph input, not a constant"
     if DECODE_TAG in tensor.name:
         return f"{what} is already encoded (decoded by {producer.op})"
-    if not _from_constants(producer):
+    if not from_constants(producer):
         return f"{what} is computed at run time by {producer.op}"
     if producer.op in LAYOUT_OPS:
         return f"{what} is computed from constants by {producer.op} (run fold-constants first)"
@@ -172,14 +172,14 @@ def not_constant(tensor: gs.Tensor, what: str = "weight") -> str:
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 
 
-def _from_constants(node: gs.Node, depth: int = 16) -> bool:
+def from_constants(node: gs.Node, depth: int = 16) -> bool:
     """Whether every input of ``node`` comes from constants within ``depth`` nodes."""
     if depth == 0:
         return False
     for tensor in node.inputs:
         if isinstance(tensor, gs.Constant) or tensor.name == "":
             continue
-        if not tensor.inputs or not _from_constants(tensor.inputs[0], depth - 1):
+        if not tensor.inputs or not from_constants(tensor.inputs[0], depth - 1):
             return False
     return True
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..base import const_value
+from ..base import const_value, from_constants, not_constant
 
 PASSTHROUGH = {"Relu", "LeakyRelu", "Identity", "Dropout", "MaxPool", "AveragePool",
                "GlobalAveragePool", "GlobalMaxPool"}
@@ -174,6 +174,10 @@ def _roles(node: gs.Node, union: _Union) -> list[tuple[str, str, gs.Node]]:
         return [(out, "writers", node)]
     reason = "channels coupled through Concat" if node.op == "Concat" else \
         f"{node.op} reads or writes the channels"
+    folds = [t for t in acts if t.inputs and from_constants(t.inputs[0])]
+    if folds:  # e.g. a Caffe2 BN's Mul by Unsqueeze(scale)
+        reason = f"{node.op}: its {not_constant(folds[0], 'operand')}"
+        acts = [t for t in acts if t not in folds]
     return [(t.name, reason, node) for t in acts + list(node.outputs)]
 
 
