@@ -216,7 +216,7 @@ def _reshapes_to_rows(node: gs.Node) -> bool:
         len(out) == 2 and out[1] == node.inputs[0].shape[1]
 
 
-def channel_constant(node: gs.Node) -> tuple[int, int] | None:
+def channel_constant(node: gs.Node) -> tuple[int, int]:
     """(input index, channel axis) of the per-channel constant of a Mul/Add/Sub slice."""
     index = next(i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant))
     value = const_value(node.inputs[index])
