@@ -129,7 +129,7 @@ def _link_parts(node: gs.Node, spaces: dict[str, Space], union: _Union) -> None:
             return
         part.parts.append((whole, offset))
         offset += int(count)
-    whole.size = offset if whole.size in (None, offset) else -1
+    whole.size = offset  # a second writer makes ``check`` decline the space anyway
 
 
 def _views(space: Space) -> list[tuple[Space, int]]:
@@ -282,7 +282,7 @@ def check(space: Space, outputs: set[str]) -> str | None:
     for whole, _ in space.views:
         if whole.blocks:
             return sorted(whole.blocks)[0]
-        if whole.producers or len(whole.writers) != 1 or not whole.size or whole.size < 0:
+        if whole.producers or len(whole.writers) != 1:
             return "channels coupled through Concat"
     for node in [n for s in [space] + [w for w, _ in space.views]
                  for n in s.producers + s.slices + s.consumers]:
