@@ -329,6 +329,32 @@ def test_prune_channels_unfolded_channel_constant_declines_with_advice():
     check_exact(folded, {"channel_ratio": 0.25})
 
 
+def test_prune_channels_constant_first_mul_with_a_shared_input_is_pruned():
+    """Mul(scale, a) with a also read by a Relu: the slice's weight is its constant,
+    not its activation input (which it shares): the space is pruned exactly."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 3, 8, 8] y, float[N, 3, 8, 8] z) {
+        a = Conv (x, wa, ba)
+        m = Mul (sc, a)
+        y = Conv (m, wy, by)
+        r = Relu (a)
+        z = Conv (r, wz, bz)
+    }
+    """
+    model = make_model(text, {"wa": rand((8, 4, 1, 1), 1), "ba": rand((8,), 2),
+                              "sc": rand((8, 1, 1), 3) + 1,
+                              "wy": rand((3, 8, 1, 1), 4), "by": rand((3,), 5),
+                              "wz": rand((3, 8, 1, 1), 6), "bz": rand((3,), 7)})
+    out, result = apply_pass(PruneChannels, model, {"recovery": False, "channel_ratio": 0.25})
+    assert [r["layer"] for r in result.layers] == ["a"]
+    assert weight_shapes(out) == {"a": (6, 4, 1, 1), "y": (3, 6, 1, 1), "z": (3, 6, 1, 1)}
+    feed = {"x": rand((4, 4, 8, 8), 42)}
+    masked = run(masked_model(model, result), feed)
+    for name, value in run(out, feed).items():
+        np.testing.assert_allclose(value, masked[name], rtol=RTOL, atol=ATOL)
+
+
 def test_prune_channels_flatten_over_spatial_declines():
     text = """
     <ir_version: 8, opset_import: ["" : 13]>

@@ -230,7 +230,7 @@ def _slice(space: spaces.Space, kept: np.ndarray, edits: _Edits) -> None:
         for index in (1, 2):
             edits.take(p, index, 0, kept)
     for node in space.slices:
-        if node.op in ("Mul", "Add", "Sub"):
+        if node.op in spaces.CONSTANT_OPS:
             edits.take(node, *spaces.channel_constant(node), kept=kept)
             continue
         for index in (1, 2, 3, 4) if node.op == "BatchNormalization" else (1, 2):
@@ -300,7 +300,7 @@ def _mask_spaces(kept: list[tuple[spaces.Space, np.ndarray]]) -> None:
     for space, keep in kept:
         drop = np.flatnonzero(~keep)
         for node in space.producers + space.slices:
-            if node.op in ("Mul", "Add", "Sub"):  # Mul keeps 0 at 0; a shift is zeroed
+            if node.op in spaces.CONSTANT_OPS:  # Mul keeps 0 at 0; a shift is zeroed
                 index, axis = spaces.channel_constant(node)
                 if node.op != "Mul":
                     value = const_value(node.inputs[index]).copy()

@@ -47,6 +47,7 @@ from ..base import const_value, from_constants, not_constant
 PASSTHROUGH = {"Relu", "LeakyRelu", "Identity", "Dropout", "MaxPool", "AveragePool",
                "GlobalAveragePool", "GlobalMaxPool"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Max", "Min", "Sum"}
+CONSTANT_OPS = {"Mul", "Add", "Sub"}  # slices by a per-channel constant operand
 FLATTENS = {"Flatten", "Reshape"}  # of [N, C, 1, 1] into [N, C], read by a Gemm
 
 
@@ -287,7 +288,8 @@ def check(space: Space, outputs: set[str]) -> str | None:
     for node in [n for s in [space] + [w for w, _ in space.views]
                  for n in s.producers + s.slices + s.consumers]:
         layer = node if node.op not in FLATTENS else node.outputs[0].outputs[0]
-        weight = layer.inputs[1]
+        # a Mul/Add/Sub slice's constant may be its first operand (Mul(scale, x))
+        weight = layer.inputs[channel_constant(layer)[0] if layer.op in CONSTANT_OPS else 1]
         if len(weight.outputs) != 1 or weight.name in outputs:
             return "a weight is shared with another node"
     return None
